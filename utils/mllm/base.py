@@ -1,0 +1,147 @@
+"""The client interface every MLLM backend implements, with the shared response cache.
+
+A backend subclasses :class:`BaseClient` and implements two methods: ``identity()`` (what
+makes its answers what they are: model path, adapter, ...) and ``_generate()`` (one uncached
+batch call). ``generate()`` does the rest: cache look-up, one backend call for all misses,
+storing answers as soon as they return, and the ``stats`` counters.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence, Union
+
+if TYPE_CHECKING:  # PIL is only needed for the annotation here
+    from PIL import Image
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+DEFAULT_PIXELS = 50176  # the paper: min_pixels = max_pixels = 224 * 224
+
+
+@dataclass(frozen=True)
+class Request:
+    """One MLLM request: a user text, zero or one image (path or PIL image), a system prompt."""
+
+    text: str
+    image: "Union[str, os.PathLike[str], Image.Image, None]" = None
+    system: str = DEFAULT_SYSTEM
+
+
+class MLLMError(RuntimeError):
+    """An MLLM backend cannot be reached, loaded or used; the message says what and where."""
+
+
+class BaseClient:
+    """Batch-in, batch-out MLLM client with a persistent response cache.
+
+    Subclasses implement :meth:`identity` and :meth:`_generate`; callers use :meth:`generate`.
+    ``max_batch`` (None = all misses in one call) splits very large batches so that a killed
+    run keeps the answers of the chunks that finished.
+    """
+
+    backend: str = "base"
+
+    def __init__(self, *, cache_dir: "str | os.PathLike[str] | None" = None,
+                 min_pixels: int = DEFAULT_PIXELS, max_pixels: int = DEFAULT_PIXELS,
+                 max_batch: "int | None" = None):
+        if min_pixels > max_pixels:
+            raise ValueError(f"min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer or None, got {max_batch}")
+        self.min_pixels = int(min_pixels)
+        self.max_pixels = int(max_pixels)
+        self.max_batch = max_batch
+        self.cache = None
+        if cache_dir is not None:
+            from .cache import ResponseCache
+            self.cache = ResponseCache(cache_dir)
+        self.stats: dict = {"calls": 0, "requests": 0, "cache_hits": 0, "cache_misses": 0}
+        # Hashing the same gallery image for every caption is wasteful: remember digests per
+        # (path, size, mtime) for this client only.
+        self._digests: dict = {}
+
+    # --- to implement -------------------------------------------------------------------
+    def identity(self) -> str:
+        """Everything that changes the answers besides the request (model path, adapter...)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement identity()")
+
+    def _generate(self, requests: list[Request], temperature: float, max_tokens: int) -> list[str]:
+        """The backend's uncached batch call; one answer per request, same order."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _generate()")
+
+    # --- shared behaviour ---------------------------------------------------------------
+    def cache_key(self, request: Request, temperature: float, max_tokens: int) -> str:
+        """The cache key of ``request`` under this client and these sampling parameters."""
+        from .cache import make_key
+        from .prompts import PROMPT_VERSION
+        digest = None if request.image is None else self._image_digest(request.image)
+        # The pixel budget changes what the model sees, so it belongs to image requests' keys.
+        pixels = None if request.image is None else [self.min_pixels, self.max_pixels]
+        return make_key([self.identity(), PROMPT_VERSION, request.system, request.text,
+                         digest, pixels, float(temperature), int(max_tokens)])
+
+    def _image_digest(self, image) -> str:
+        from .images import image_digest
+        if isinstance(image, (str, os.PathLike)):
+            path = os.fspath(image)
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                raise MLLMError(f"image file not found: {path!r} (check the dataset root / "
+                                f"image paths)") from exc
+            memo = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+            if memo not in self._digests:
+                self._digests[memo] = image_digest(path)
+            return self._digests[memo]
+        return image_digest(image)
+
+    def generate(self, requests: Sequence[Request], temperature: float = 0.01,
+                 max_tokens: int = 512) -> list[str]:
+        """Answer ``requests`` (same order): cached answers first, then one backend call with
+        all misses (or one per ``max_batch`` chunk), each chunk stored as soon as it returns."""
+        if isinstance(requests, Request):
+            raise TypeError("generate() takes a list of Request; wrap a single one: [request]")
+        requests = list(requests)
+        for i, r in enumerate(requests):
+            if not isinstance(r, Request) or not isinstance(r.text, str):
+                raise TypeError(f"requests[{i}] must be a Request with a str text, got {r!r:.80}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        self.stats["requests"] += len(requests)
+        keys = [self.cache_key(r, temperature, max_tokens) for r in requests]
+        answers: list = self.cache.get_many(keys) if self.cache is not None else [None] * len(keys)
+
+        # Identical requests in one batch are asked once.
+        positions: dict[str, list[int]] = {}
+        for i, (k, a) in enumerate(zip(keys, answers)):
+            if a is None:
+                positions.setdefault(k, []).append(i)
+        n_missing = sum(a is None for a in answers)
+        self.stats["cache_hits"] += len(requests) - n_missing
+        self.stats["cache_misses"] += n_missing
+
+        todo = [idx[0] for idx in positions.values()]
+        step = self.max_batch or max(1, len(todo))
+        for start in range(0, len(todo), step):
+            chunk = todo[start:start + step]
+            outs = self._generate([requests[i] for i in chunk], temperature, max_tokens)
+            self.stats["calls"] += 1
+            if len(outs) != len(chunk) or not all(isinstance(o, str) for o in outs):
+                raise MLLMError(f"{self.backend} backend returned {len(outs)} answers for "
+                                f"{len(chunk)} requests (or non-text answers)")
+            fresh = {keys[i]: o for i, o in zip(chunk, outs)}
+            if self.cache is not None:
+                self.cache.put_many(fresh, meta={"backend": self.backend})
+            for k, o in fresh.items():
+                for i in positions[k]:
+                    answers[i] = o
+        return answers
+
+    def close(self) -> None:
+        """Release engines, servers or connections (no-op here)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

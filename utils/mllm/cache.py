@@ -1,0 +1,130 @@
+"""Persistent, append-only response cache shared by every backend and by concurrent processes.
+
+One JSONL file (``responses.jsonl``) under the cache directory; one record per line,
+``{"key": ..., "answer": ...}``. Each record is appended with a single ``write`` under an
+exclusive ``flock``, so a killed process loses at most the answers it had not written yet and
+concurrent writers never interleave. A torn last line (a process killed mid-write, or a
+filesystem that ignores locks) is skipped on load; the next writer starts on a fresh line so the
+torn fragment cannot swallow a good record.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Iterable, Mapping, Sequence
+
+try:  # POSIX only; without it the cache still works for a single process
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+CACHE_FILE = "responses.jsonl"
+
+
+def make_key(parts: Sequence[object]) -> str:
+    """sha256 over a JSON encoding of ``parts`` (strings, numbers, None)."""
+    blob = json.dumps(list(parts), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class _Locked:
+    """Context manager holding an flock on an open file (no-op where flock is unavailable)."""
+
+    def __init__(self, f, exclusive: bool):
+        self.f, self.mode = f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) if fcntl else None
+
+    def __enter__(self):
+        if fcntl:
+            fcntl.flock(self.f.fileno(), self.mode)
+        return self.f
+
+    def __exit__(self, *exc):
+        if fcntl:
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_UN)
+
+
+class ResponseCache:
+    """Key -> answer store backed by an append-only JSONL file.
+
+    ``refresh()`` reads only the bytes appended since the last read, so other processes'
+    answers become visible without reloading the whole file.
+    """
+
+    def __init__(self, cache_dir: "str | os.PathLike[str]"):
+        self.dir = os.fspath(cache_dir)
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"cannot create the MLLM cache directory {self.dir!r} "
+                          f"(option cache_dir): {exc}") from exc
+        self.path = os.path.join(self.dir, CACHE_FILE)
+        self._data: dict[str, str] = {}
+        self._offset = 0
+        self.corrupt_lines = 0
+        self.refresh()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._data
+
+    def refresh(self) -> None:
+        """Load complete lines appended since the last refresh (by any process)."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, "rb") as f, _Locked(f, exclusive=False):
+            f.seek(self._offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n")
+        if end < 0:  # nothing complete yet (or only a torn fragment)
+            return
+        self._offset += end + 1
+        for line in chunk[:end].split(b"\n"):
+            self._ingest(line)
+
+    def _ingest(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            rec = json.loads(line)
+            key, answer = rec["key"], rec["answer"]
+            if not isinstance(key, str) or not isinstance(answer, str):
+                raise TypeError("key and answer must be strings")
+        except (ValueError, KeyError, TypeError):
+            self.corrupt_lines += 1  # torn or foreign line: skip, never fail a run for it
+            return
+        self._data.setdefault(key, answer)  # first writer wins; later duplicates are identical work
+
+    def get(self, key: str) -> "str | None":
+        return self._data.get(key)
+
+    def get_many(self, keys: Iterable[str]) -> list["str | None"]:
+        """Answers for ``keys`` (None for misses), after picking up other processes' appends."""
+        self.refresh()
+        return [self._data.get(k) for k in keys]
+
+    def put_many(self, items: Mapping[str, str], meta: "Mapping[str, object] | None" = None) -> None:
+        """Append records for ``items`` in one locked write; ``meta`` fields are stored alongside
+        (for humans inspecting the file; they are not part of the key)."""
+        new = {k: v for k, v in items.items() if k not in self._data}
+        if not new:
+            return
+        extra = dict(meta or {})
+        payload = "".join(json.dumps({"key": k, "answer": v, **extra}, ensure_ascii=False) + "\n"
+                          for k, v in new.items()).encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        with os.fdopen(fd, "ab") as f, _Locked(f, exclusive=True):
+            # A process killed mid-write may have left a fragment without a newline: start a
+            # fresh line so our first record stays parseable.
+            size = os.fstat(f.fileno()).st_size
+            if size:
+                with open(self.path, "rb") as r:
+                    r.seek(size - 1)
+                    if r.read(1) != b"\n":
+                        payload = b"\n" + payload
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        self._data.update(new)
