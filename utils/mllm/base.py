@@ -28,7 +28,15 @@ class Request:
 
 
 class MLLMError(RuntimeError):
-    """An MLLM backend cannot be reached, loaded or used; the message says what and where."""
+    """An MLLM backend cannot be reached, loaded or used; the message says what and where.
+
+    A backend whose batch failed part-way may attach ``partial`` ({position in the batch:
+    answer}) so that :meth:`BaseClient.generate` caches the answers that did arrive.
+    """
+
+    def __init__(self, message: str, partial: "dict[int, str] | None" = None):
+        super().__init__(message)
+        self.partial = dict(partial or {})
 
 
 class BaseClient:
@@ -124,8 +132,16 @@ class BaseClient:
         step = self.max_batch or max(1, len(todo))
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
-            outs = self._generate([requests[i] for i in chunk], temperature, max_tokens)
             self.stats["calls"] += 1
+            try:
+                outs = self._generate([requests[i] for i in chunk], temperature, max_tokens)
+            except MLLMError as exc:
+                # Keep what did arrive, so a re-run asks only for the rest.
+                done = {keys[chunk[j]]: a for j, a in exc.partial.items()
+                        if 0 <= j < len(chunk) and isinstance(a, str)}
+                if done and self.cache is not None:
+                    self.cache.put_many(done, meta={"backend": self.backend})
+                raise
             if len(outs) != len(chunk) or not all(isinstance(o, str) for o in outs):
                 raise MLLMError(f"{self.backend} backend returned {len(outs)} answers for "
                                 f"{len(chunk)} requests (or non-text answers)")
