@@ -1,0 +1,116 @@
+"""RDE: a CLIP backbone with two embeddings (BGE and TSE) trained with per-sample losses.
+
+BGE (basic global embedding) is the CLS image token and the EOT text token; TSE (token
+selection embedding) pools the most-attended tokens. Retrieval scores with the mean of the two
+cosine similarities. Attribute names follow the RDE release (``base_model``,
+``visul_emb_layer``, ``texual_emb_layer``) so that its checkpoints load.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import objectives
+from model.tse import TexualEmbeddingLayer, VisualEmbeddingLayer
+
+
+class RDE(nn.Module):
+    def __init__(self, base_model: nn.Module, *, select_ratio: float = 0.3, tse_embed_dim: int = 1024,
+                 loss_name: str = "TAL", tau: float = 0.015, margin: float = 0.1,
+                 temperature: float = 0.02):
+        super().__init__()
+        if loss_name not in objectives.LOSSES:
+            raise ValueError(f"loss_names={loss_name!r}: choose one of {sorted(objectives.LOSSES)}")
+        self.base_model = base_model
+        dim = base_model.embed_dim
+        self.visul_emb_layer = VisualEmbeddingLayer(dim, tse_embed_dim, select_ratio)
+        self.texual_emb_layer = TexualEmbeddingLayer(dim, tse_embed_dim, select_ratio)
+        self.loss_name = loss_name
+        self.tau = tau
+        self.margin = margin
+        self.logit_scale = 1.0 / temperature
+        self.use_tse = True  # False when loaded from a checkpoint without TSE layers (IRRA)
+
+    # -- embeddings -------------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        tokens, _ = self.base_model.encode_image(images)
+        return tokens[:, 0, :].float()
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        tokens, _ = self.base_model.encode_text(ids.long())
+        return tokens[torch.arange(tokens.shape[0], device=tokens.device), ids.argmax(dim=-1)].float()
+
+    def encode_image_tse(self, images: torch.Tensor) -> torch.Tensor:
+        tokens, attn = self.base_model.encode_image(images)
+        return self.visul_emb_layer(tokens, attn)
+
+    def encode_text_tse(self, ids: torch.Tensor) -> torch.Tensor:
+        tokens, attn = self.base_model.encode_text(ids.long())
+        return self.texual_emb_layer(tokens, ids, attn)
+
+    def image_embeddings(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(BGE, TSE) from one backbone pass."""
+        tokens, attn = self.base_model.encode_image(images)
+        return tokens[:, 0, :].float(), self.visul_emb_layer(tokens, attn)
+
+    def text_embeddings(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(BGE, TSE) from one backbone pass."""
+        ids = ids.long()
+        tokens, attn = self.base_model.encode_text(ids)
+        bge = tokens[torch.arange(tokens.shape[0], device=tokens.device), ids.argmax(dim=-1)].float()
+        return bge, self.texual_emb_layer(tokens, ids, attn)
+
+    # -- losses -----------------------------------------------------------------------------
+    def _scores(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        return F.normalize(txt, dim=-1) @ F.normalize(img, dim=-1).t()
+
+    def per_sample_losses(self, images: torch.Tensor, caption_ids: torch.Tensor,
+                          pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pair losses of the BGE and TSE views, shape [B] each."""
+        i_bge, i_tse = self.image_embeddings(images)
+        t_bge, t_tse = self.text_embeddings(caption_ids)
+        kw = self._loss_kwargs()
+        loss_bge = objectives.compute_loss(self.loss_name, self._scores(i_bge, t_bge), pids, **kw)
+        loss_tse = objectives.compute_loss(self.loss_name, self._scores(i_tse, t_tse), pids, **kw)
+        return loss_bge, loss_tse
+
+    def _loss_kwargs(self) -> dict:
+        if self.loss_name in ("TAL", "TRL"):
+            return {"tau": self.tau, "margin": self.margin}
+        return {"logit_scale": self.logit_scale}
+
+    def reduce(self, per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """CCD-weighted total as the release: a sum for TAL/TRL, a weighted mean otherwise."""
+        total = (weights * per_sample).sum()
+        if self.loss_name in ("TAL", "TRL"):
+            return total
+        return total / weights.sum().clamp(min=1.0)
+
+    def forward(self, batch: dict, weights: torch.Tensor | None = None,
+                aug_gamma: float | None = None) -> dict:
+        """Training losses: ``bge_loss``, ``tse_loss`` and, with RDA captions, the ``*_aug_loss`` terms
+        already multiplied by ``aug_gamma``."""
+        images, ids, pids = batch["images"], batch["caption_ids"], batch["pids"]
+        if weights is None:
+            weights = torch.ones(ids.shape[0], device=ids.device)
+        weights = weights.to(ids.device, torch.float32)
+        i_bge, i_tse = self.image_embeddings(images)
+        t_bge, t_tse = self.text_embeddings(ids)
+        kw = self._loss_kwargs()
+        out = {
+            "bge_loss": self.reduce(objectives.compute_loss(self.loss_name, self._scores(i_bge, t_bge), pids, **kw), weights),
+            "tse_loss": self.reduce(objectives.compute_loss(self.loss_name, self._scores(i_tse, t_tse), pids, **kw), weights),
+        }
+        if aug_gamma is not None and "aug_caption_ids" in batch:
+            a_bge, a_tse = self.text_embeddings(batch["aug_caption_ids"])
+            out["bge_aug_loss"] = aug_gamma * self.reduce(
+                objectives.compute_loss(self.loss_name, self._scores(i_bge, a_bge), pids, **kw), weights)
+            out["tse_aug_loss"] = aug_gamma * self.reduce(
+                objectives.compute_loss(self.loss_name, self._scores(i_tse, a_tse), pids, **kw), weights)
+        return out
+
+
+def rda_gamma(epoch: int, start: float = 1.0, decay: float = 0.03, minimum: float = 0.1) -> float:
+    """Weight of the RDA term: g = max(minimum, start - decay * epoch) (ICL: max(0.1, 1 - 0.03 e))."""
+    return max(minimum, start - decay * epoch)

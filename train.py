@@ -1,0 +1,28 @@
+"""Train RDE / ICL (RDE + RDA) on one benchmark.
+
+    python train.py --config configs/cuhk_pedes.yaml root_dir=data batch_size=64
+    torchrun --nproc_per_node 2 train.py --config configs/cuhk_pedes.yaml     # two GPUs
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from utils.config import load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="experiment YAML under configs/ (defaults: utils/config.py)")
+    ap.add_argument("--run-dir", help="run directory (default: <output_dir>/<name>)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    ap.add_argument("overrides", nargs="*", help="key=value settings that override the config")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    from processor.trainer import train
+    train(cfg, args.run_dir, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Experiment configuration: flat defaults, one YAML per experiment, ``key=value`` overrides.
+
+The keys are the option names of the RDE/IRRA command lines, so a researcher who knows
+``--batch_size 64`` finds ``batch_size: 64``. Every run directory stores the resolved config
+(``config.yaml``) so that ``test.py``, THI and RDA rebuild exactly the same model.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Iterable
+
+import yaml
+
+# Every key a config may set, with its default (the paper's settings for CUHK-PEDES).
+DEFAULTS: dict[str, Any] = {
+    # run
+    "name": "RDE",
+    "output_dir": "runs",
+    "seed": 1,
+    "device": "auto",            # auto | cpu | cuda | cuda:1 ...
+    "amp": "auto",               # auto (bf16 on GPUs that support it, else fp16; off on CPU) | bf16 | fp16 | none
+    "resume": False,             # continue from <run>/last.pth when it exists
+    "log_period": 100,
+    "eval_period": 1,
+    "save_eval": True,           # write eval/<dataset>/ for the best epoch (THI reads it)
+    # data
+    "dataset_name": "CUHK-PEDES",
+    "root_dir": "data",
+    "anno_file": None,           # another annotation file (e.g. an RDA-augmented json)
+    "val_dataset": "test",       # split evaluated during training
+    "img_size": [384, 128],
+    "img_aug": True,
+    "txt_aug": True,
+    "text_length": 77,
+    "sampler": "random",         # random | identity
+    "num_instance": 4,
+    "batch_size": 64,
+    "test_batch_size": 512,
+    "num_workers": 4,
+    "noisy_rate": 0.0,
+    "noisy_file": None,          # index file of the shuffled pairs (created when missing)
+    "rda": True,                 # use RDA sub-sentences when the annotation file carries them
+    # model
+    "pretrain_choice": "pretrained/ViT-B-16.pt",   # OpenAI CLIP checkpoint
+    "init_checkpoint": None,     # optional RDE/IRRA/our checkpoint to start from ("+pre" in the release)
+    "stride_size": 16,
+    "select_ratio": 0.3,
+    "tse_embed_dim": 1024,
+    "temperature": 0.02,         # logit scale 1/temperature for InfoNCE/SDM
+    # losses
+    "loss_names": "TAL",         # TAL | TRL | InfoNCE | SDM
+    "tau": 0.015,
+    "margin": 0.1,
+    "ccd": True,                 # consensus clean-sample division every epoch
+    "rda_gamma_start": 1.0,      # g = max(rda_gamma_min, rda_gamma_start - rda_gamma_decay * epoch)
+    "rda_gamma_decay": 0.03,
+    "rda_gamma_min": 0.1,
+    # solver
+    "optimizer": "Adam",
+    "lr": 1e-5,
+    "lr_factor": 5.0,            # randomly initialised modules (TSE layers)
+    "emb_lr": None,              # absolute lr for the TSE layers (the RDE release hard-codes 1e-3)
+    "bias_lr_factor": 2.0,
+    "weight_decay": 4e-5,
+    "weight_decay_bias": 0.0,
+    "momentum": 0.9,
+    "alpha": 0.9,
+    "beta": 0.999,
+    "adam_eps": 1e-3,
+    "num_epoch": 60,
+    "lrscheduler": "cosine",     # cosine | step | exp | poly | linear | constant
+    "milestones": [20, 50],
+    "gamma": 0.1,
+    "warmup_epochs": 5,
+    "warmup_factor": 0.1,
+    "warmup_method": "linear",
+    "target_lr": 0.0,
+    "power": 0.9,
+}
+
+
+class Config(dict):
+    """A dict with attribute access; the resolved experiment settings."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(f"config has no key {key!r}") from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self[key] = value
+
+    def copy(self) -> "Config":  # type: ignore[override]
+        return Config(copy.deepcopy(dict(self)))
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not of the form key=value")
+    key, value = item.split("=", 1)
+    key = key.strip().lstrip("-").replace("-", "_")
+    return key, yaml.safe_load(value) if value.strip() else None
+
+
+def _check_keys(keys: Iterable[str], where: str, allowed: dict) -> None:
+    unknown = sorted(k for k in keys if k not in allowed)
+    if unknown:
+        raise KeyError(f"{where}: unknown config key(s) {unknown}; valid keys: {sorted(allowed)}")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = (),
+                base: dict | None = None) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides; unknown keys are an error naming them."""
+    cfg = copy.deepcopy(DEFAULTS if base is None else dict(base))
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path} not found (see configs/ for examples)")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config must be a YAML mapping of key: value")
+        _check_keys(data, str(path), cfg)
+        cfg.update(data)
+    pairs = [_parse_override(o) for o in overrides]
+    _check_keys([k for k, _ in pairs], "command line", cfg)
+    cfg.update(pairs)
+    return Config(cfg)
+
+
+def save_config(cfg: dict, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically."""
+    from utils.io import atomic_write_text
+    atomic_write_text(path, yaml.safe_dump(dict(cfg), sort_keys=False))
+
+
+def load_run_config(run_dir: str | os.PathLike) -> Config:
+    """The resolved config a run saved; missing keys (older runs) take today's defaults."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory written by train.py?")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    cfg = copy.deepcopy(DEFAULTS)
+    cfg.update(data)
+    return Config(cfg)
