@@ -1,0 +1,342 @@
+"""Test-time human-centred interaction (THI, Algorithm 1 of ICL) on a base similarity matrix.
+
+Each round r = 1..K: (1) anchor localization, asked in one batch, on candidate r of the
+queries that can still get an anchor (see ``gating``); (2) human-centred VQA, once per new
+anchor, on the anchor image; (3) aggregation of the parsed answers with the original query into
+the refined query; (4) Eq. 6 re-ranking of the new refined queries (``rerank``). With an output
+folder the state is saved after every stage, so a killed run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from . import gating, report
+from .rerank import check_lambda, rerank_rows
+from .state import THIState, fingerprint, load_similarity, load_state, save_state
+
+TOP_K_SAVED = 10
+_OUTPUT_PREFIX = re.compile(r"^\s*(?:output|answer)\s*[:：]\s*", re.I)
+
+
+@dataclass
+class THIResult:
+    """What THI produced.
+
+    ``similarity``: the final re-ranked [Q, G] matrix, a float32 numpy array (rows of queries
+    without a refined text equal the base similarity). ``anchors``: int64 [Q], the anchor's
+    gallery index or -1. ``anchor_round``: int64 [Q], the 1-based round of the anchor or 0.
+    ``refined``: the refined text per query or None (no anchor, or the VQA/aggregation answer
+    was unusable: such a query keeps its anchor in ``anchors`` but its base similarity).
+    ``rounds``: per round ``round``, ``calls`` / ``uncached`` / ``parse_failures`` per stage
+    (``loc``, ``vqa``, ``aggr``), ``asked``, ``new_anchors``, ``seconds``, ``mllm_seconds`` and,
+    with ids, ``metrics`` (R1, R5, R10, mAP, mINP, rSum). ``base_metrics`` likewise or None.
+    ``cost``: the cost report (see ``report.cost_report``).
+    """
+
+    similarity: np.ndarray
+    anchors: np.ndarray
+    refined: list
+    rounds: list
+    anchor_round: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    base_metrics: Optional[dict] = None
+    cost: dict = field(default_factory=dict)
+
+
+def _as_matrix(similarity) -> np.ndarray:
+    if hasattr(similarity, "detach"):  # a torch tensor, on any device
+        similarity = similarity.detach().float().cpu().numpy()
+    sim = np.asarray(similarity, dtype=np.float32)
+    if sim.ndim != 2:
+        raise ValueError(f"similarity must be a [Q, G] matrix, got shape {sim.shape}")
+    if not np.isfinite(sim).all():
+        raise ValueError("similarity contains NaN or inf; check the run's similarity.npy")
+    return sim
+
+
+def _client_stats(client) -> dict:
+    stats = getattr(client, "stats", None)
+    if stats is None:
+        return {}
+    if isinstance(stats, dict):
+        return dict(stats)
+    return {k: getattr(stats, k) for k in ("calls", "requests", "cache_hits", "cache_misses")
+            if hasattr(stats, k)}
+
+
+def clean_aggregation(answer) -> str:
+    """The refined query from an aggregation answer ("" when unusable)."""
+    if not isinstance(answer, str):
+        return ""
+    text = _OUTPUT_PREFIX.sub("", answer.strip())
+    return " ".join(text.split())
+
+
+class _Stage:
+    """Sends one stage's requests as one batch and books calls, misses and MLLM time."""
+
+    def __init__(self, client, record: dict, temperature: float, max_tokens: int):
+        self.client, self.record = client, record
+        self.temperature, self.max_tokens = temperature, max_tokens
+
+    def ask(self, stage: str, requests: list) -> list:
+        if not requests:
+            return []
+        before = _client_stats(self.client).get("cache_misses")
+        t0 = time.perf_counter()
+        answers = list(self.client.generate(requests, temperature=self.temperature,
+                                            max_tokens=self.max_tokens))
+        self.record["mllm_seconds"] += time.perf_counter() - t0
+        if len(answers) != len(requests):
+            raise RuntimeError(f"the MLLM client returned {len(answers)} answers for "
+                               f"{len(requests)} {stage} requests")
+        after = _client_stats(self.client).get("cache_misses")
+        self.record["calls"][stage] += len(requests)
+        # Without cache counters every request is a real call.
+        self.record["uncached"][stage] += (after - before) if before is not None else len(requests)
+        return answers
+
+
+def _new_record(round_no: int) -> dict:
+    zero = {s: 0 for s in report.STAGE_NAMES}
+    return {"round": round_no, "asked": 0, "new_anchors": 0, "calls": dict(zero),
+            "uncached": dict(zero), "parse_failures": dict(zero), "seconds": 0.0,
+            "mllm_seconds": 0.0}
+
+
+def _check_inputs(sim, captions, image_paths, rounds, xi, q_pids, g_pids):
+    num_q, num_g = sim.shape
+    if len(captions) != num_q:
+        raise ValueError(f"captions has {len(captions)} entries but similarity has {num_q} rows")
+    if len(image_paths) != num_g:
+        raise ValueError(f"image_paths has {len(image_paths)} entries but similarity has "
+                         f"{num_g} columns")
+    if not 1 <= int(rounds) <= num_g:
+        raise ValueError(f"rounds (--rounds, K) must be in [1, G={num_g}], got {rounds}")
+    if not np.isfinite(float(xi)):
+        raise ValueError(f"xi (--xi) must be a finite number, got {xi}")
+    if (q_pids is None) != (g_pids is None):
+        raise ValueError("pass both q_pids and g_pids (for per-round metrics) or neither")
+    if q_pids is not None and (len(q_pids) != num_q or len(g_pids) != num_g):
+        raise ValueError(f"q_pids/g_pids have {len(q_pids)}/{len(g_pids)} entries, expected "
+                         f"{num_q}/{num_g}")
+
+
+def _score(score_texts: Callable, texts: list, num_g: int) -> np.ndarray:
+    rows = score_texts(texts)
+    if hasattr(rows, "detach"):
+        rows = rows.detach().float().cpu().numpy()
+    rows = np.asarray(rows, dtype=np.float32)
+    if rows.shape != (len(texts), num_g):
+        raise ValueError(f"score_texts returned shape {rows.shape} for {len(texts)} texts, "
+                         f"expected ({len(texts)}, {num_g})")
+    return rows
+
+
+def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], client,
+            score_texts: Callable[[list], "np.ndarray"], *, lam: float = 0.8, xi: float = 0.5,
+            rounds: int = 5, q_pids=None, g_pids=None, out_dir: Optional[str] = None,
+            temperature: float = 0.01, max_tokens: int = 512, progress: bool = True,
+            ask: str = "needed") -> THIResult:
+    """Run THI (Algorithm 1 + Eq. 6) and return the re-ranked similarity, anchors and texts.
+
+    ``similarity``: base [Q, G] (tensor or array); ``captions``: the Q queries;
+    ``image_paths``: the G gallery images; ``client``: anything with the MLLM client's
+    ``generate(requests, temperature=, max_tokens=)``; ``score_texts(texts) -> [n, G]``: the
+    model's similarity of new query texts to the gallery. ``q_pids``/``g_pids`` enable
+    per-round metrics. ``out_dir`` enables outputs and resuming. ``ask`` picks which queries
+    are asked the localization question (``gating.ASK_SCHEMES``; all give the same anchors).
+    """
+    from utils.mllm import Request
+    from utils.mllm.parsing import parse_vqa, parse_yes_no
+    from utils.mllm.prompts import aggr_prompt, loc_prompt, vqa_prompt
+
+    sim_base = _as_matrix(similarity)
+    captions = [str(c) for c in captions]
+    image_paths = [os.fspath(p) for p in image_paths]
+    lam, xi, rounds = check_lambda(lam), float(xi), int(rounds)
+    _check_inputs(sim_base, captions, image_paths, rounds, xi, q_pids, g_pids)
+    if ask not in gating.ASK_SCHEMES:
+        raise ValueError(f"ask must be one of {gating.ASK_SCHEMES}, got {ask!r}")
+    num_q, num_g = sim_base.shape
+    with_ids = q_pids is not None
+    if with_ids:
+        from utils.metrics import t2i_metrics
+        q_pids, g_pids = np.asarray(q_pids, dtype=np.int64), np.asarray(g_pids, dtype=np.int64)
+
+        def metrics(s):
+            return report.with_rsum(t2i_metrics(s, q_pids, g_pids))
+
+    fp = fingerprint(sim_base, captions, image_paths, lam=lam, xi=xi, rounds=rounds, ask=ask,
+                     temperature=float(temperature), max_tokens=int(max_tokens))
+    state = None
+    if out_dir is not None:
+        out_dir = os.fspath(out_dir)
+        os.makedirs(out_dir, exist_ok=True)
+        state = load_state(out_dir, fp)
+    logger = report.make_logger(os.path.join(out_dir, "thi.log") if out_dir else None,
+                                console=progress)
+    try:
+        if state is None:
+            state = THIState.fresh(fp, num_q)
+        else:
+            logger.info("resuming %s at round %d, stage %s", out_dir, state.round + 1, state.stage)
+        sim = load_similarity(out_dir, state, sim_base) if out_dir else sim_base.copy()
+        if with_ids and state.base_metrics is None:
+            state.base_metrics = metrics(sim_base)
+        logger.info("THI: %d queries, %d gallery images, K=%d, lambda=%g, xi=%g, ask=%s",
+                    num_q, num_g, rounds, lam, xi, ask)
+
+        cands, top1 = gating.candidates(sim_base, rounds)
+        anchors = np.asarray(state.anchors, dtype=np.int64)
+        said_yes = np.asarray(state.said_yes, dtype=bool)
+
+        def checkpoint(next_stage: str, similarity_now=None):
+            state.anchors, state.said_yes = anchors.tolist(), said_yes.tolist()
+            state.stage = next_stage
+            if out_dir:
+                save_state(out_dir, state, similarity_now)
+
+        from tqdm import tqdm
+        bar = tqdm(range(state.round, rounds), desc="THI rounds", disable=not progress,
+                   initial=state.round, total=rounds)
+        for r in bar:
+            if not state.current:
+                state.current = _new_record(r + 1)
+            rec = state.current
+            stage = _Stage(client, rec, temperature, max_tokens)
+
+            if state.stage == "loc":
+                t0 = time.perf_counter()
+                asked = np.flatnonzero(gating.ask_mask(ask, r, rounds, top1, xi, anchors, said_yes))
+                reqs = [Request(loc_prompt(captions[q]), image=image_paths[cands[q, r]])
+                        for q in asked]
+                parsed = [parse_yes_no(a) for a in stage.ask("loc", reqs)]
+                rec["parse_failures"]["loc"] += sum(p is None for p in parsed)
+                yes = np.array([p is True for p in parsed], dtype=bool)
+                new = asked[gating.decide(r, yes, top1[asked], xi, anchors[asked],
+                                          said_yes[asked])]
+                said_yes[asked] |= yes
+                anchors[new] = cands[new, r]
+                for q in new:
+                    state.anchor_round[q] = r + 1
+                for q in asked:
+                    state.asked_ever[q] = True
+                rec["asked"] = int(len(asked))
+                rec["new_anchors"] = int(len(new))
+                state.pending = [int(q) for q in new]
+                rec["seconds"] += time.perf_counter() - t0
+                checkpoint("vqa")
+
+            if state.stage == "vqa":
+                t0 = time.perf_counter()
+                reqs = [Request(vqa_prompt(), image=image_paths[anchors[q]]) for q in state.pending]
+                answers = stage.ask("vqa", reqs)
+                kept = []
+                for q, a in zip(state.pending, answers):
+                    subtexts = parse_vqa(a)
+                    if subtexts:
+                        state.subtexts[str(q)] = subtexts
+                        kept.append(q)
+                    else:  # nothing usable: the query keeps its base similarity
+                        rec["parse_failures"]["vqa"] += 1
+                state.pending = kept
+                rec["seconds"] += time.perf_counter() - t0
+                checkpoint("aggr")
+
+            if state.stage == "aggr":
+                t0 = time.perf_counter()
+                reqs = [Request(aggr_prompt(captions[q], state.subtexts[str(q)]))
+                        for q in state.pending]
+                answers = stage.ask("aggr", reqs)
+                kept = []
+                for q, a in zip(state.pending, answers):
+                    text = clean_aggregation(a)
+                    if text:
+                        state.refined[q] = text
+                        kept.append(q)
+                    else:
+                        rec["parse_failures"]["aggr"] += 1
+                state.pending = kept
+                rec["seconds"] += time.perf_counter() - t0
+                checkpoint("rerank")
+
+            if state.stage == "rerank":
+                t0 = time.perf_counter()
+                idx = np.asarray(state.pending, dtype=np.int64)
+                if idx.size:
+                    refined_rows = _score(score_texts, [state.refined[q] for q in idx], num_g)
+                    sim[idx] = rerank_rows(sim_base[idx], refined_rows, anchors[idx], lam)
+                rec["anchored_total"] = int((anchors >= 0).sum())
+                rec["refined_total"] = int(sum(t is not None for t in state.refined))
+                if with_ids:
+                    rec["metrics"] = metrics(sim)
+                rec["seconds"] += time.perf_counter() - t0
+                previous = state.records[-1].get("metrics") if state.records else state.base_metrics
+                state.records.append(rec)
+                state.current, state.pending = {}, []
+                state.round = r + 1
+                checkpoint("loc", sim)
+                logger.info("round %d: asked %d, new anchors %d (total %d), refined %d, MLLM "
+                            "calls loc/vqa/aggr %d/%d/%d (uncached %d), parse failures %s, %.1fs",
+                            r + 1, rec["asked"], rec["new_anchors"], rec["anchored_total"],
+                            rec["refined_total"], rec["calls"]["loc"], rec["calls"]["vqa"],
+                            rec["calls"]["aggr"], sum(rec["uncached"].values()),
+                            rec["parse_failures"], rec["seconds"])
+                if with_ids:
+                    logger.info("\n%s", report.round_table(r + 1, state.base_metrics, previous,
+                                                           rec["metrics"]))
+        bar.close()
+
+        interacted = int(sum(state.asked_ever))
+        cost = report.cost_report(state.records, num_q, interacted, _client_stats(client))
+        result = THIResult(similarity=sim, anchors=anchors.copy(),
+                           refined=list(state.refined), rounds=list(state.records),
+                           anchor_round=np.asarray(state.anchor_round, dtype=np.int64),
+                           base_metrics=state.base_metrics, cost=cost)
+        if out_dir:
+            _write_outputs(out_dir, state, result, captions, image_paths, cands, top1)
+        logger.info("THI done: %d/%d queries interacted, %d anchored, %d refined, %.2f MLLM "
+                    "requests per query", interacted, num_q, int((anchors >= 0).sum()),
+                    sum(t is not None for t in state.refined), cost["calls_per_query"])
+        return result
+    finally:
+        report.close_logger(logger)
+
+
+def _write_outputs(out_dir: str, state: THIState, result: THIResult, captions, image_paths,
+                   cands: np.ndarray, top1: np.ndarray) -> None:
+    """Final similarity, top-10 rankings, per-query records, per-round metrics and the cost
+    report; the state then points at final_similarity.npy (the run is complete)."""
+    from utils.io import atomic_save_npy
+    from utils.metrics import topk
+
+    atomic_save_npy(os.path.join(out_dir, "final_similarity.npy"), result.similarity)
+    k = min(TOP_K_SAVED, result.similarity.shape[1])
+    atomic_save_npy(os.path.join(out_dir, "rankings.npy"), topk(result.similarity, k)[1].numpy())
+    rows = []
+    for q, caption in enumerate(captions):
+        a = int(result.anchors[q])
+        rows.append({"query": q, "caption": caption, "anchor": a if a >= 0 else None,
+                     "anchor_image": image_paths[a] if a >= 0 else None,
+                     "anchor_round": int(result.anchor_round[q]) or None,
+                     "refined": result.refined[q], "subtexts": state.subtexts.get(str(q)),
+                     "top1_similarity": float(top1[q]), "candidates": cands[q].tolist()})
+    report.write_queries(out_dir, rows)
+    report.write_rounds(out_dir, result.base_metrics, result.rounds)
+    from utils.io import atomic_write_json
+    atomic_write_json(os.path.join(out_dir, "cost.json"), result.cost)
+    if state.similarity_file != "final_similarity.npy":
+        old = state.similarity_file
+        state.similarity_file = "final_similarity.npy"
+        save_state(out_dir, state)
+        if old:
+            try:
+                os.remove(os.path.join(out_dir, old))
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,121 @@
+"""THI's resume state: what a killed run needs to continue exactly where it stopped.
+
+After every stage of every round the state is written atomically (``state.json``, plus the
+current similarity matrix after each re-ranking stage as its own ``.npy`` file, written first
+and then named by the JSON). A run killed at any point therefore restarts at the stage it was
+in; the MLLM answers of that stage's finished part come back from the client's cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from utils.io import atomic_save_npy, atomic_write_json
+
+STATE_FILE = "state.json"
+STAGES = ("loc", "vqa", "aggr", "rerank")
+STATE_VERSION = 1
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def fingerprint(similarity: np.ndarray, captions: Sequence[str], image_paths: Sequence[str],
+                **settings) -> dict:
+    """What a state belongs to: digests of the inputs plus the settings that shape the result."""
+    sim = np.ascontiguousarray(similarity, dtype=np.float32)
+    return {
+        "version": STATE_VERSION,
+        "shape": list(sim.shape),
+        "similarity": _digest(sim.tobytes()),
+        "captions": _digest(json.dumps(list(captions), ensure_ascii=False).encode("utf-8")),
+        "image_paths": _digest(json.dumps([os.fspath(p) for p in image_paths]).encode("utf-8")),
+        **{k: v for k, v in sorted(settings.items())},
+    }
+
+
+@dataclass
+class THIState:
+    """Progress of one THI run. Lists are indexed by query; ``round``/``stage`` name the next
+    stage to run (``round == rounds`` once finished)."""
+
+    fingerprint: dict
+    anchors: list
+    anchor_round: list          # 1-based round of each anchor, 0 for none
+    said_yes: list
+    refined: list               # refined text per query, None until (and unless) refined
+    asked_ever: list            # asked the localization question at least once
+    subtexts: dict = field(default_factory=dict)   # str(query) -> parsed VQA sub-sentences
+    round: int = 0
+    stage: str = "loc"
+    pending: list = field(default_factory=list)     # queries the next stage of this round works on
+    current: dict = field(default_factory=dict)     # this round's record under construction
+    records: list = field(default_factory=list)     # finished rounds' records
+    similarity_file: Optional[str] = None           # current re-ranked similarity (.npy name)
+    base_metrics: Optional[dict] = None
+
+    @classmethod
+    def fresh(cls, fp: dict, num_queries: int) -> "THIState":
+        """The state before round 1: no anchors, no answers."""
+        return cls(fingerprint=fp, anchors=[-1] * num_queries, anchor_round=[0] * num_queries,
+                   said_yes=[False] * num_queries, refined=[None] * num_queries,
+                   asked_ever=[False] * num_queries)
+
+    def finished(self, rounds: int) -> bool:
+        return self.round >= rounds
+
+
+def save_state(out_dir: str, state: THIState, similarity: Optional[np.ndarray] = None) -> None:
+    """Write ``state`` atomically; with ``similarity``, first write it to a new file that the
+    state then names (so the pair on disk is always consistent), and drop the older file."""
+    old = state.similarity_file
+    if similarity is not None:
+        name = f"state_similarity_r{state.round}_{state.stage}.npy"
+        atomic_save_npy(os.path.join(out_dir, name), np.asarray(similarity, dtype=np.float32))
+        state.similarity_file = name
+    atomic_write_json(os.path.join(out_dir, STATE_FILE), asdict(state), indent=None)
+    if old and old != state.similarity_file:
+        try:
+            os.remove(os.path.join(out_dir, old))
+        except FileNotFoundError:
+            pass
+
+
+def load_state(out_dir: str, fp: dict) -> Optional[THIState]:
+    """The saved state of ``out_dir`` (None if there is none); an error when it was written for
+    other inputs or settings, naming what differs and how to start over."""
+    path = os.path.join(out_dir, STATE_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = THIState(**json.load(f))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: unreadable THI resume state ({exc}); delete it to start the "
+                         f"run over") from exc
+    if state.fingerprint != fp:
+        keys = sorted(k for k in set(fp) | set(state.fingerprint)
+                      if fp.get(k) != state.fingerprint.get(k))
+        raise ValueError(f"{path} belongs to a THI run with other inputs or settings (differs in: "
+                         f"{', '.join(keys)}); use another output folder (--out) or delete "
+                         f"{STATE_FILE} to start over")
+    if state.stage not in STAGES:
+        raise ValueError(f"{path}: unknown stage {state.stage!r}; delete it to start over")
+    return state
+
+
+def load_similarity(out_dir: str, state: THIState, base: np.ndarray) -> np.ndarray:
+    """The current re-ranked similarity of ``state`` (``base`` before the first re-ranking)."""
+    if state.similarity_file is None:
+        return np.array(base, dtype=np.float32, copy=True)
+    path = os.path.join(out_dir, state.similarity_file)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} (named by {STATE_FILE}) is missing; delete "
+                                f"{os.path.join(out_dir, STATE_FILE)} to start over")
+    return np.load(path)
