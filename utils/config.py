@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from typing import Any, Iterable
 
 import yaml
@@ -96,12 +97,24 @@ class Config(dict):
         return Config(copy.deepcopy(dict(self)))
 
 
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-5`` as a string; researchers write it that way, so read it as a float."""
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_number(v) for v in value]
+    return value
+
+
 def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ValueError(f"override {item!r} is not of the form key=value")
     key, value = item.split("=", 1)
     key = key.strip().lstrip("-").replace("-", "_")
-    return key, yaml.safe_load(value) if value.strip() else None
+    return key, _number(yaml.safe_load(value)) if value.strip() else None
 
 
 def _check_keys(keys: Iterable[str], where: str, allowed: dict) -> None:
@@ -122,7 +135,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config must be a YAML mapping of key: value")
         _check_keys(data, str(path), cfg)
-        cfg.update(data)
+        cfg.update({k: _number(v) for k, v in data.items()})
     pairs = [_parse_override(o) for o in overrides]
     _check_keys([k for k, _ in pairs], "command line", cfg)
     cfg.update(pairs)
