@@ -1,0 +1,186 @@
+"""``python -m rda generate ...`` (RDA annotation file) and ``python -m rda sft ...`` (LLaMA-Factory
+anchor-localization dataset from a trained run). ``--help`` on each lists the options."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Optional
+
+BACKENDS = ("vllm", "openai", "transformers", "simulated")
+
+# SFT records per class ("Yes" and "No" each) when --positives/--negatives are not given. The
+# paper: 40,000 for CUHK-PEDES, 15,000 for ICFG-PEDES, RSTPReid and UFine6926 (read here as per
+# class). SynthPEDES is the tiny test benchmark: its whole pool.
+SFT_DEFAULTS = {"CUHK-PEDES": 40000, "ICFG-PEDES": 15000, "RSTPReid": 15000, "UFine6926": 15000}
+
+
+def _client_args(ap: argparse.ArgumentParser) -> None:
+    """MLLM options (the same flag names as ``python -m thi``)."""
+    ap.add_argument("--backend", required=True, choices=BACKENDS, help="MLLM backend")
+    ap.add_argument("--model", help="MLLM directory (vllm, transformers), e.g. Qwen2-VL-7B-Instruct")
+    ap.add_argument("--lora", help="LoRA adapter directory (vllm, transformers)")
+    ap.add_argument("--dtype", help="vllm/transformers weight dtype (default: the backend's)")
+    ap.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
+    ap.add_argument("--served-model", help="model name on the server (openai backend)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs for vLLM")
+    ap.add_argument("--attributes", help="simulated backend: SynthPEDES attributes.json "
+                                         "(default ROOT/DATASET/attributes.json)")
+    ap.add_argument("--error-rate", type=float, default=0.0, help="simulated backend: error rate")
+    ap.add_argument("--seed", type=int, default=0, help="simulated backend: error seed")
+    ap.add_argument("--cache-dir", help="MLLM response cache (default: next to --out)")
+
+
+def client_options(args, dataset_dir: str, cache_dir: str) -> dict:
+    """``build_client`` options of the chosen backend; a missing flag stops with its name."""
+    def need(flag: str, value):
+        if not value:
+            raise SystemExit(f"--backend {args.backend} needs {flag}")
+        return value
+
+    if args.backend == "simulated":
+        return {"attributes": args.attributes or os.path.join(dataset_dir, "attributes.json"),
+                "error_rate": args.error_rate, "seed": args.seed, "cache_dir": cache_dir}
+    if args.backend == "openai":
+        return {"base_url": need("--base-url", args.base_url),
+                "model": need("--served-model", args.served_model), "cache_dir": cache_dir}
+    opts = {"model": need("--model", args.model), "cache_dir": cache_dir}
+    if args.dtype:
+        opts["dtype"] = args.dtype
+    if args.backend == "vllm":
+        opts["tensor_parallel_size"] = args.tensor_parallel_size
+        if args.lora:
+            opts["lora"] = args.lora
+    elif args.lora:
+        opts["adapter"] = args.lora
+    return opts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m rda", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="RDA: add diversity_captions to a dataset's annotations")
+    gen.add_argument("--dataset", required=True, help="CUHK-PEDES, ICFG-PEDES, RSTPReid, UFine6926 "
+                                                      "or SynthPEDES")
+    gen.add_argument("--root", required=True, help="data root holding DATASET/")
+    gen.add_argument("--anno-file", help="annotation file to augment (default: the dataset's own)")
+    gen.add_argument("--out", help="output annotation file (default: <annotation>.rda.json "
+                                   "beside the input)")
+    gen.add_argument("--rewrites", type=int, default=3, help="m, rewrites per sub-sentence")
+    gen.add_argument("--limit", type=int, help="only the first N training pairs (whole images)")
+    gen.add_argument("--temperature", type=float, default=0.01)
+    gen.add_argument("--max-tokens", type=int, default=1024)
+    gen.add_argument("--chunk-size", type=int, default=4096,
+                     help="requests per MLLM batch; the resume state is saved after each")
+    gen.add_argument("--no-progress", action="store_true")
+    _client_args(gen)
+
+    sft = sub.add_parser("sft", help="anchor-localization SFT data (LLaMA-Factory) from a run")
+    sft.add_argument("--run", required=True, help="run directory (config.yaml, best.pth, ccd/)")
+    sft.add_argument("--root", help="data root (default: the run's root_dir)")
+    sft.add_argument("--dataset", help="dataset (default: the run's own)")
+    sft.add_argument("--anno-file", help="annotation file (default: the run's)")
+    sft.add_argument("--out", required=True, help="output folder (dataset_info.json + NAME.json)")
+    sft.add_argument("--name", default="icl_anchor", help="dataset name in dataset_info.json")
+    sft.add_argument("--positives", type=int, help="'Yes' records (default per dataset: "
+                     + ", ".join(f"{k} {v}" for k, v in SFT_DEFAULTS.items()) + "; else all)")
+    sft.add_argument("--negatives", type=int, help="'No' records (default as --positives)")
+    sft.add_argument("--top-k", type=int, default=10, help="hard negatives come from this top-k")
+    sft.add_argument("--seed", type=int, default=0)
+    sft.add_argument("--no-ccd", action="store_true", help="ignore CCD's clean labels")
+    sft.add_argument("--relative-images", action="store_true",
+                     help="write image paths relative to --out (default absolute)")
+    sft.add_argument("--checkpoint", default="best.pth")
+    sft.add_argument("--device", default="auto")
+    sft.add_argument("--batch-size", type=int, default=128, help="feature extraction batch size")
+    sft.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def run_generate(args) -> int:
+    from datasets import build_dataset
+    from utils.mllm import build_client
+
+    from .generate import default_paths, run_rda
+
+    dataset = build_dataset(args.dataset, args.root, args.anno_file, check_images=False)
+    with open(dataset.anno_path, encoding="utf-8") as f:
+        records = json.load(f)
+    out = args.out or os.path.splitext(str(dataset.anno_path))[0] + ".rda.json"
+    if os.path.abspath(out) == os.path.abspath(str(dataset.anno_path)):
+        raise SystemExit(f"--out {out} is the input annotation file; choose another path")
+    cache_dir = args.cache_dir or default_paths(out)[0] + "/mllm_cache"
+    client = build_client(args.backend, **client_options(args, str(dataset.dataset_dir), cache_dir))
+    try:
+        _, summary = run_rda(records, client, image_root=str(dataset.img_dir),
+                             rewrites=args.rewrites, out_path=out, limit=args.limit,
+                             temperature=args.temperature, max_tokens=args.max_tokens,
+                             chunk_size=args.chunk_size, progress=not args.no_progress)
+    finally:
+        client.close()
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out} (train with anno_file={out} rda=true)")
+    return 0
+
+
+def _count(value: Optional[int], default: Optional[int], pool: int, what: str) -> int:
+    """An explicit count is used as given (too large -> make_anchor_sft says so); a default is
+    capped at the available pool with a warning."""
+    if value is not None:
+        return value
+    if default is None or default > pool:
+        if default is not None:
+            logging.getLogger("rda").warning("default %s %d exceeds the %d available; using %d",
+                                             what, default, pool, pool)
+        return pool
+    return default
+
+
+def run_sft(args) -> int:
+    import numpy as np
+
+    from .run_data import load_run_inputs
+    from .sft import make_anchor_sft, write_llamafactory_dataset
+
+    inputs = load_run_inputs(args.run, root=args.root, dataset_name=args.dataset,
+                             anno_file=args.anno_file, device=args.device,
+                             checkpoint=args.checkpoint, top_k=args.top_k,
+                             batch_size=args.batch_size, use_ccd=not args.no_ccd,
+                             progress=not args.no_progress)
+    p = inputs.pairs
+    name = args.dataset or inputs.cfg.dataset_name
+    eligible = np.arange(len(p.captions)) if inputs.clean is None else np.flatnonzero(inputs.clean)
+    neg_pool = int(sum((p.image_pids[inputs.top_indices[c]] != p.caption_pids[c]).any()
+                       for c in eligible))
+    default = SFT_DEFAULTS.get(name)
+    positives = _count(args.positives, default, len(eligible), "positives")
+    negatives = _count(args.negatives, default if args.positives is None else args.positives,
+                       neg_pool, "negatives")
+    records = make_anchor_sft(p.captions, p.caption_pids, p.caption_images, p.image_paths,
+                              p.image_pids, None, clean=inputs.clean, positives=positives,
+                              negatives=negatives, top_k=args.top_k, seed=args.seed,
+                              top_indices=inputs.top_indices)
+    path = write_llamafactory_dataset(records, args.out, args.name,
+                                      relative_images=args.relative_images)
+    info = {"dataset": name, "run": os.path.abspath(args.run), "ccd_file": inputs.ccd_file,
+            "pairs": len(p.captions), "clean_pairs": int(len(eligible)), "positives": positives,
+            "negatives": negatives, "top_k": args.top_k, "seed": args.seed, "file": path}
+    from utils.io import atomic_write_json
+    atomic_write_json(os.path.join(args.out, f"{args.name}.meta.json"), info)
+    print(json.dumps(info, indent=2))
+    print(f"train with: bash scripts/sft_lora.sh train MODEL_DIR {args.out} ADAPTER_DIR "
+          f"dataset={args.name}")
+    return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    return run_generate(args) if args.command == "generate" else run_sft(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
