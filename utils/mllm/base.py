@@ -78,15 +78,18 @@ class BaseClient:
         raise NotImplementedError(f"{type(self).__name__} must implement _generate()")
 
     # --- shared behaviour ---------------------------------------------------------------
-    def cache_key(self, request: Request, temperature: float, max_tokens: int) -> str:
-        """The cache key of ``request`` under this client and these sampling parameters."""
+    def cache_key(self, request: Request, temperature: float, max_tokens: int,
+                  identity: "str | None" = None) -> str:
+        """The cache key of ``request`` under this client and these sampling parameters
+        (``identity``: a precomputed ``self.identity()``)."""
         from .cache import make_key
         from .prompts import PROMPT_VERSION
         digest = None if request.image is None else self._image_digest(request.image)
         # The pixel budget changes what the model sees, so it belongs to image requests' keys.
         pixels = None if request.image is None else [self.min_pixels, self.max_pixels]
-        return make_key([self.identity(), PROMPT_VERSION, request.system, request.text,
-                         digest, pixels, float(temperature), int(max_tokens)])
+        return make_key([self.identity() if identity is None else identity, PROMPT_VERSION,
+                         request.system, request.text, digest, pixels, float(temperature),
+                         int(max_tokens)])
 
     def _image_digest(self, image) -> str:
         from .images import image_digest
@@ -116,7 +119,8 @@ class BaseClient:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         self.stats["requests"] += len(requests)
-        keys = [self.cache_key(r, temperature, max_tokens) for r in requests]
+        identity = self.identity()
+        keys = [self.cache_key(r, temperature, max_tokens, identity) for r in requests]
         answers: list = self.cache.get_many(keys) if self.cache is not None else [None] * len(keys)
 
         # Identical requests in one batch are asked once.
