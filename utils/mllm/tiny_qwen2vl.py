@@ -1,0 +1,152 @@
+"""A tiny, randomly initialised Qwen2-VL model directory built offline, for tests and demos.
+
+Nothing is downloaded: the tokenizer is a byte-level BPE trained on the spot with ``tokenizers``
+and given Qwen2-VL's 14 special tokens (ids 0..13, ``<|image_pad|>`` = 12) and chat template;
+the weights are random (about 440k parameters). The folder loads in transformers
+(``AutoProcessor`` + ``Qwen2VLForConditionalGeneration``), in ``vllm.LLM`` and in both
+``transformers serve`` and ``vllm serve``.
+
+    python -m utils.mllm.tiny_qwen2vl OUT [--lora LORA_DIR] [--dtype float32|bfloat16] [--seed 0]
+
+The saved tokenizer config names ``TokenizersBackend``, so it needs transformers 5.x (both the
+main venv and ``.venv-vllm`` have it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Iterator
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+VOCAB_SIZE = 1024
+# The processor's own budget (patch 14, 2x2 merge: 4..16 image tokens). Our clients resize images
+# themselves and tell the processor not to resize again, so this only matters to callers that
+# send raw images (e.g. a server queried without a pixel budget).
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 16
+LORA_RANK = 8
+
+# Qwen2-VL-Instruct's chat template (a system turn is added when the chat has none).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _corpus() -> Iterator[str]:
+    """A small deterministic English-ish corpus so that common prompt words get merged tokens."""
+    words = ("the a an person man woman wearing red green blue black white cat dog image picture "
+             "shows describe what is in this photo text can accurately yes no answer shirt pants "
+             "shoes hair long short bag hat left right top bottom you are helpful assistant user "
+             "system hello world question one two three colour color").split()
+    for i in range(3000):
+        yield " ".join(words[(i * k + k * k) % len(words)] for k in range(1, 12)) + f" {i}."
+
+
+def build_tokenizer():
+    """Train the byte-level BPE tokenizer and wrap it as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
+                                  show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token=None,
+                                   chat_template=CHAT_TEMPLATE, model_max_length=4096)
+
+
+def build_tiny_qwen2vl(out_dir: str | os.PathLike, *, seed: int = 0, dtype: str = "float32",
+                       lora_dir: str | os.PathLike | None = None) -> Path:
+    """Write a tiny random Qwen2-VL (weights, tokenizer, processor) to ``out_dir``.
+
+    ``dtype`` is the dtype of the saved weights (``float32`` or ``bfloat16``). With ``lora_dir``
+    also write a random PEFT LoRA (rank 8 on the language model's q/k/v/o_proj) whose B matrices
+    are large enough to change greedy outputs. Returns ``out_dir`` as a Path.
+    """
+    import torch
+    from transformers import (GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+
+    tokenizer = build_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
+        video_processor=Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
+        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    processor.save_pretrained(out)
+
+    # head_dim = 64 / 2 = 32: vLLM's CPU attention rejects head_dim < 32. mrope_section must sum
+    # to head_dim / 2.
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=4096, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6],
+                                          "rope_theta": 1000000.0},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=2, embed_dim=64, hidden_size=64, num_heads=2, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False, dtype=dtype)
+    torch_dtype = getattr(torch, dtype)
+    model = Qwen2VLForConditionalGeneration(config).to(torch_dtype).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]])
+    model.save_pretrained(out)
+
+    if lora_dir is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, init_lora_weights=False,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        peft_model = get_peft_model(model, lcfg)
+        with torch.no_grad():  # peft's random B is too small to move a greedy argmax reliably
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        peft_model.save_pretrained(Path(lora_dir))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", help="model directory to write")
+    ap.add_argument("--lora", help="also write a random PEFT LoRA adapter to this directory")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    out = build_tiny_qwen2vl(args.out, seed=args.seed, dtype=args.dtype, lora_dir=args.lora)
+    print(f"wrote tiny Qwen2-VL to {out}" + (f" and LoRA to {args.lora}" if args.lora else ""))
+
+
+if __name__ == "__main__":
+    main()
