@@ -277,3 +277,213 @@ def test_input_errors_name_the_problem():
     with pytest.raises(ValueError, match="q_pids"):
         run_thi(sim, ["a", "b"], ["x", "y", "z"], client, _zero_scores(3), rounds=2,
                 q_pids=[1, 2], progress=False)
+
+
+# ---------------------------------------------------------------- SynthPEDES + simulated MLLM
+class Recording:
+    """Wraps a client: records every request, optionally raises after ``fail_after`` batches
+    (a process killed mid-run)."""
+
+    def __init__(self, client, fail_after=None):
+        self.client, self.fail_after = client, fail_after
+        self.batches, self.requests = 0, []
+
+    @property
+    def stats(self):
+        return self.client.stats
+
+    def generate(self, requests, temperature=0.01, max_tokens=512):
+        if self.fail_after is not None and self.batches >= self.fail_after:
+            raise KeyboardInterrupt("simulated kill")
+        self.batches += 1
+        self.requests += [(r.text, os.fspath(r.image) if r.image is not None else None)
+                          for r in requests]
+        return self.client.generate(requests, temperature=temperature, max_tokens=max_tokens)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """A small SynthPEDES test split and an imperfect model-free base similarity."""
+    from datasets import build_dataset
+    from datasets.synthpedes import generate
+    from thi.synthetic import AttributeSimilarity
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(root / "SynthPEDES", num_ids=60, images_per_id=4, seed=0)
+    test = build_dataset("SynthPEDES", str(root)).test
+    # Scale 0.45 puts the top-1 similarity on both sides of xi = 0.5, so every kind of round
+    # of Algorithm 1 happens; noise 0.1 makes the base ranking clearly imperfect.
+    score = AttributeSimilarity(root / "SynthPEDES", test["img_paths"], scale=0.45, noise=0.1)
+    sim = score(test["captions"])
+    return {"dir": str(root / "SynthPEDES"), "test": test, "score": score, "sim": sim}
+
+
+def _client(synth, cache_dir=None, error_rate=0.0):
+    from utils.mllm import build_client
+
+    return build_client("simulated", attributes=synth["dir"], error_rate=error_rate, seed=0,
+                        cache_dir=None if cache_dir is None else str(cache_dir))
+
+
+def _run(synth, client, **kw):
+    t = synth["test"]
+    kw.setdefault("progress", False)
+    return run_thi(synth["sim"], t["captions"], t["img_paths"], client, synth["score"],
+                   q_pids=t["caption_pids"], g_pids=t["image_pids"], **kw)
+
+
+def test_thi_raises_rank1_and_map_on_synthpedes(synth):
+    res = _run(synth, _client(synth))
+    base, final = res.base_metrics, res.rounds[-1]["metrics"]
+    # Stated margin (measured +7.6 R1 / +3.5 mAP on this split): at least +3 R1, +2 mAP.
+    assert final["R1"] >= base["R1"] + 3.0, (base, final)
+    assert final["mAP"] >= base["mAP"] + 2.0, (base, final)
+    assert 0 < (res.anchors >= 0).sum() < len(res.anchors)
+    assert set(res.anchor_round[res.anchors >= 0]) - {1} , "later rounds must anchor too"
+    # Metrics never go down from one round to the next here, and each round reports its cost.
+    r1 = [base["R1"]] + [r["metrics"]["R1"] for r in res.rounds]
+    assert r1 == sorted(r1)
+    assert all(set(r["calls"]) == {"loc", "vqa", "aggr"} for r in res.rounds)
+    assert res.cost["calls_per_query"] < 3.0
+
+
+def test_thi_with_mllm_errors_runs_through(synth, capsys):
+    clean = _run(synth, _client(synth))
+    noisy = _run(synth, _client(synth, error_rate=0.3))
+    base, final = noisy.base_metrics, noisy.rounds[-1]["metrics"]
+    with capsys.disabled():
+        print(f"\nTHI with MLLM error rate 0.3: R1 {base['R1']:.2f} -> {final['R1']:.2f}, mAP "
+              f"{base['mAP']:.2f} -> {final['mAP']:.2f} (error rate 0: R1 "
+              f"{clean.rounds[-1]['metrics']['R1']:.2f}, mAP "
+              f"{clean.rounds[-1]['metrics']['mAP']:.2f})")
+    assert not np.array_equal(noisy.anchors, clean.anchors)  # the errors do change answers
+    assert final["mAP"] > base["mAP"] - 2.0
+    assert final["R1"] <= clean.rounds[-1]["metrics"]["R1"]
+
+
+def test_outputs_written(synth, tmp_path):
+    out = tmp_path / "thi"
+    res = _run(synth, _client(synth), out_dir=str(out))
+    q = len(synth["test"]["captions"])
+    np.testing.assert_array_equal(np.load(out / "final_similarity.npy"), res.similarity)
+    ranks = np.load(out / "rankings.npy")
+    assert ranks.shape == (q, 10)
+    np.testing.assert_array_equal(ranks, np.argsort(-res.similarity, axis=1, kind="stable")[:, :10])
+    rounds = json.loads((out / "rounds.json").read_text())
+    assert rounds["base"]["R1"] == pytest.approx(res.base_metrics["R1"])
+    assert [r["round"] for r in rounds["rounds"]] == [1, 2, 3, 4, 5]
+    csv_lines = (out / "rounds.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 7 and csv_lines[0].startswith("round,asked")
+    rows = [json.loads(line) for line in (out / "queries.jsonl").read_text().splitlines()]
+    assert len(rows) == q
+    for row in rows:
+        a = res.anchors[row["query"]]
+        assert row["anchor"] == (None if a < 0 else a)
+        assert row["refined"] == res.refined[row["query"]]
+        if row["anchor"] is not None:
+            assert row["anchor_image"] == synth["test"]["img_paths"][a]
+    cost = json.loads((out / "cost.json").read_text())
+    assert cost["calls_total"]["loc"] == sum(r["calls"]["loc"] for r in res.rounds)
+    assert cost["queries_interacted"] == q  # K = 5 > 1: round 1 asks everyone
+    log = (out / "thi.log").read_text()
+    assert "THI round 5" in log and "rSum" in log
+    assert not list(out.glob("state_similarity_*.npy"))  # the state now names the final file
+
+
+@pytest.mark.parametrize("fail_after", [0, 1, 2, 7, 13])
+def test_killed_run_resumes_to_same_result(synth, tmp_path, fail_after):
+    reference = _run(synth, _client(synth))
+    out, cache = tmp_path / "thi", tmp_path / "cache"
+    killed = Recording(_client(synth, cache), fail_after=fail_after)
+    with pytest.raises(KeyboardInterrupt):
+        _run(synth, killed, out_dir=str(out))
+    assert (out / "state.json").exists()
+    resumed = Recording(_client(synth, cache))
+    res = _run(synth, resumed, out_dir=str(out))
+    np.testing.assert_array_equal(res.similarity, reference.similarity)
+    np.testing.assert_array_equal(res.anchors, reference.anchors)
+    assert res.refined == reference.refined
+    assert [r["metrics"] for r in res.rounds] == [r["metrics"] for r in reference.rounds]
+    assert [r["calls"] for r in res.rounds] == [r["calls"] for r in reference.rounds]
+    # Finished stages are not asked again.
+    total = sum(sum(r["calls"].values()) for r in reference.rounds)
+    assert len(resumed.requests) == total - len(killed.requests)
+
+
+def test_kill_inside_reranking_resumes(synth, tmp_path):
+    reference = _run(synth, _client(synth))
+    out = tmp_path / "thi"
+    calls = {"n": 0}
+
+    def flaky(texts):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed while encoding")
+        return synth["score"](texts)
+
+    t = synth["test"]
+    with pytest.raises(KeyboardInterrupt):
+        run_thi(synth["sim"], t["captions"], t["img_paths"], _client(synth), flaky,
+                q_pids=t["caption_pids"], g_pids=t["image_pids"], out_dir=str(out),
+                progress=False)
+    state = json.loads((out / "state.json").read_text())
+    assert state["stage"] == "rerank" and state["round"] == 2
+    res = _run(synth, _client(synth), out_dir=str(out))
+    np.testing.assert_array_equal(res.similarity, reference.similarity)
+
+
+def test_second_run_makes_no_mllm_calls(synth, tmp_path):
+    cache = tmp_path / "cache"
+    first_client = _client(synth, cache)
+    first = _run(synth, first_client, out_dir=str(tmp_path / "a"))
+    assert first_client.stats["cache_misses"] > 0
+    again = _client(synth, cache)  # a new process: only the cache on disk is shared
+    second = _run(synth, again, out_dir=str(tmp_path / "b"))
+    assert again.stats["calls"] == 0 and again.stats["cache_misses"] == 0
+    assert again.stats["cache_hits"] == sum(sum(r["calls"].values()) for r in first.rounds)
+    assert all(sum(r["uncached"].values()) == 0 for r in second.rounds)
+    np.testing.assert_array_equal(second.similarity, first.similarity)
+    # Re-running a finished output folder does not even consult the client.
+    idle = Recording(_client(synth, cache))
+    third = _run(synth, idle, out_dir=str(tmp_path / "a"))
+    assert idle.batches == 0
+    np.testing.assert_array_equal(third.similarity, first.similarity)
+
+
+def test_sweep_reuses_cached_answers(synth, tmp_path):
+    from thi.sweep import format_sweep, run_sweep
+
+    t = synth["test"]
+    cache = tmp_path / "cache"
+    seen = Recording(_client(synth, cache))
+    first = _run(synth, seen, xi=0.5, lam=0.8)
+    # What a fresh xi = 0.4 run asks, and how much of it the xi = 0.5 run already asked.
+    fresh = Recording(_client(synth))
+    direct = _run(synth, fresh, xi=0.4, lam=0.6)
+    new_needed = len(set(fresh.requests) - set(seen.requests))
+    assert 0 < new_needed < len(set(fresh.requests))
+
+    client = _client(synth, cache)
+    sweep = run_sweep(synth["sim"], t["captions"], t["img_paths"], client, synth["score"],
+                      lams=[0.8, 0.6], xis=[0.5, 0.4], q_pids=t["caption_pids"],
+                      g_pids=t["image_pids"], out_dir=str(tmp_path / "sweep"), progress=False)
+    assert sweep.calls[0.5]["uncached"] == 0
+    assert sweep.calls[0.4]["uncached"] == new_needed == client.stats["cache_misses"]
+    assert sweep.grid[(0.5, 0.8)]["metrics"] == pytest.approx(first.rounds[-1]["metrics"])
+    assert sweep.grid[(0.4, 0.6)]["metrics"] == pytest.approx(direct.rounds[-1]["metrics"])
+    text = format_sweep(sweep)
+    assert "R1: xi \\ lambda" in text and "mAP" in text
+    saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert len(saved["points"]) == 4
+    # The same sweep again asks nothing new.
+    again = _client(synth, cache)
+    run_sweep(synth["sim"], t["captions"], t["img_paths"], again, synth["score"], lams=[0.8, 0.6],
+              xis=[0.5, 0.4], q_pids=t["caption_pids"], g_pids=t["image_pids"], progress=False)
+    assert again.stats["cache_misses"] == 0
+
+
+def test_state_of_other_settings_is_refused(synth, tmp_path):
+    out = tmp_path / "thi"
+    _run(synth, _client(synth), out_dir=str(out), rounds=2)
+    with pytest.raises(ValueError, match="xi"):
+        _run(synth, _client(synth), out_dir=str(out), rounds=2, xi=0.45)

@@ -184,6 +184,8 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
     try:
         if state is None:
             state = THIState.fresh(fp, num_q)
+            if out_dir:  # claim the folder for these inputs and settings at once
+                save_state(out_dir, state)
         else:
             logger.info("resuming %s at round %d, stage %s", out_dir, state.round + 1, state.stage)
         sim = load_similarity(out_dir, state, sim_base) if out_dir else sim_base.copy()

@@ -1,0 +1,194 @@
+"""``python -m thi``: THI on a saved run directory, and ``python -m thi sweep``: a lambda/xi grid.
+
+    python -m thi --run runs/RDE_cuhk --target CUHK-PEDES --root data --backend vllm \
+        --model /models/Qwen2-VL-7B-Instruct --lora /models/icl_lora --tensor-parallel-size 1
+    python -m thi sweep --run runs/RDE_cuhk --target CUHK-PEDES --root data --backend simulated \
+        --lams 0.5,0.6,0.7,0.8,0.9 --xis 0.4,0.45,0.5,0.55,0.6
+
+The run must have been evaluated on the target first (``python test.py RUN --dataset TARGET
+--root ROOT`` writes ``RUN/eval/TARGET/``); THI reads the base similarity, ids, captions, image
+paths and gallery features from there and re-encodes refined queries with the run's model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional
+
+import numpy as np
+
+BACKENDS = ("simulated", "vllm", "openai", "transformers")
+DEFAULT_XI = 0.5
+# The paper uses a stricter threshold when ICFG-PEDES is the target (Sec. 4.1).
+TARGET_XI = {"ICFG-PEDES": 0.55}
+EVAL_FILES = ("similarity.npy", "q_pids.npy", "g_pids.npy", "captions.json", "image_paths.json",
+              "gallery_feats.npz")
+
+
+def _common(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--run", required=True, help="run directory (config.yaml, best.pth, eval/)")
+    ap.add_argument("--target", help="target dataset (default: the run's own dataset)")
+    ap.add_argument("--root", help="data root (default: the run's root_dir)")
+    ap.add_argument("--checkpoint", default="best.pth", help="checkpoint inside the run directory")
+    ap.add_argument("--backend", required=True, choices=BACKENDS, help="MLLM backend")
+    ap.add_argument("--model", help="MLLM directory (vllm, transformers), e.g. Qwen2-VL-7B-Instruct")
+    ap.add_argument("--lora", help="LoRA adapter directory (vllm, transformers)")
+    ap.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
+    ap.add_argument("--served-model", help="model name on the server (openai backend); with "
+                                           "'vllm serve --enable-lora' the adapter's name")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs for vLLM")
+    ap.add_argument("--attributes", help="simulated backend: SynthPEDES attributes.json or its "
+                                         "folder (default ROOT/TARGET/attributes.json)")
+    ap.add_argument("--error-rate", type=float, default=0.0, help="simulated backend: answer "
+                                                                  "error probability")
+    ap.add_argument("--seed", type=int, default=0, help="simulated backend: error seed")
+    ap.add_argument("--rounds", type=int, default=5, help="K, interaction rounds (paper: 5)")
+    ap.add_argument("--temperature", type=float, default=0.01)
+    ap.add_argument("--max-tokens", type=int, default=512)
+    ap.add_argument("--cache-dir", help="MLLM response cache (default RUN/mllm_cache)")
+    ap.add_argument("--device", default="auto", help="device for re-encoding refined queries")
+    ap.add_argument("--batch-size", type=int, default=256, help="text encoding batch size")
+    ap.add_argument("--no-progress", action="store_true")
+
+
+def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """(the THI run parser, the sweep parser)."""
+    run = argparse.ArgumentParser(prog="python -m thi", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(run)
+    run.add_argument("--lam", type=float, default=0.8, help="Eq. 6's lambda (paper: 0.8)")
+    run.add_argument("--xi", type=float, help="threshold on the top-1 similarity (default 0.5; "
+                                              "0.55 with ICFG-PEDES as target)")
+    run.add_argument("--out", help="results folder (default RUN/thi/TARGET)")
+    run.add_argument("--ask", default="needed", choices=("needed", "unrefined", "all"),
+                     help="who is asked the localization question (same anchors; 'unrefined' "
+                          "is the release's schedule)")
+    sweep = argparse.ArgumentParser(prog="python -m thi sweep",
+                                    description="THI over a grid of lambda and xi (Fig. 5), "
+                                                "reusing cached MLLM answers")
+    _common(sweep)
+    sweep.add_argument("--lams", default="0.5,0.6,0.7,0.8,0.9")
+    sweep.add_argument("--xis", default="0.4,0.45,0.5,0.55,0.6")
+    sweep.add_argument("--out", help="results folder (default RUN/thi/TARGET/sweep)")
+    return run, sweep
+
+
+def load_eval_dir(run_dir: str, target: str, root: Optional[str]) -> dict:
+    """The eval folder of ``run_dir`` for ``target``; a missing one says how to write it."""
+    folder = os.path.join(run_dir, "eval", target)
+    missing = [f for f in EVAL_FILES if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        cmd = f"python test.py {run_dir} --dataset {target}" + (f" --root {root}" if root else "")
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: run `{cmd}` first")
+    with open(os.path.join(folder, "captions.json"), encoding="utf-8") as f:
+        captions = json.load(f)
+    with open(os.path.join(folder, "image_paths.json"), encoding="utf-8") as f:
+        image_paths = json.load(f)
+    with np.load(os.path.join(folder, "gallery_feats.npz")) as z:
+        feats = {k: z[k] for k in z.files}
+    return {"similarity": np.load(os.path.join(folder, "similarity.npy")),
+            "q_pids": np.load(os.path.join(folder, "q_pids.npy")),
+            "g_pids": np.load(os.path.join(folder, "g_pids.npy")),
+            "captions": captions, "image_paths": image_paths, "gallery_feats": feats}
+
+
+def backend_options(args, root: Optional[str], target: str, cache_dir: str) -> dict:
+    """``build_client`` options for the chosen backend; errors name the missing flag."""
+    def need(flag, value):
+        if not value:
+            raise SystemExit(f"--backend {args.backend} needs {flag}")
+        return value
+
+    if args.backend == "simulated":
+        attributes = args.attributes
+        if attributes is None:
+            if root is None:
+                raise SystemExit("--backend simulated needs --attributes (or --root with "
+                                 "ROOT/TARGET/attributes.json)")
+            attributes = os.path.join(root, target, "attributes.json")
+        return {"attributes": attributes, "error_rate": args.error_rate, "seed": args.seed,
+                "cache_dir": cache_dir}
+    if args.backend == "vllm":
+        opts = {"model": need("--model", args.model),
+                "tensor_parallel_size": args.tensor_parallel_size, "cache_dir": cache_dir}
+        if args.lora:
+            opts["lora"] = args.lora
+        return opts
+    if args.backend == "openai":
+        return {"base_url": need("--base-url", args.base_url),
+                "model": need("--served-model", args.served_model), "cache_dir": cache_dir}
+    opts = {"model": need("--model", args.model), "cache_dir": cache_dir}
+    if args.lora:
+        opts["adapter"] = args.lora
+    if args.device not in (None, "", "auto"):
+        opts["device"] = args.device
+    return opts
+
+
+def _prepare(args, default_out: str):
+    """Shared set-up: run config, eval folder, model scorer, MLLM client, output folder."""
+    from model import load_run
+    from utils.config import load_run_config
+    from utils.device import resolve_amp, resolve_device
+    from utils.mllm import build_client
+
+    from .scoring import make_score_texts
+
+    if not os.path.isdir(args.run):
+        raise SystemExit(f"--run {args.run} is not a directory: pass a run written by train.py "
+                         f"or test.py --weights")
+    cfg = load_run_config(args.run)
+    target = args.target or cfg.dataset_name
+    root = args.root or cfg.get("root_dir")
+    data = load_eval_dir(args.run, target, root)
+    device = resolve_device(args.device)
+    model, cfg = load_run(args.run, device, checkpoint=args.checkpoint)
+    score = make_score_texts(model, data["gallery_feats"], cfg.text_length, device,
+                             batch_size=args.batch_size, amp=resolve_amp(cfg.get("amp"), device))
+    cache_dir = args.cache_dir or os.path.join(args.run, "mllm_cache")
+    client = build_client(args.backend, **backend_options(args, root, target, cache_dir))
+    out = args.out or os.path.join(args.run, "thi", target, *([default_out] if default_out else []))
+    return target, data, score, client, out
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Entry point of ``python -m thi`` (and ``python -m thi sweep``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run_ap, sweep_ap = build_parsers()
+    is_sweep = bool(argv) and argv[0] == "sweep"
+    args = (sweep_ap if is_sweep else run_ap).parse_args(argv[1:] if is_sweep else argv)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+    target, data, score, client, out = _prepare(args, "sweep" if is_sweep else "")
+    progress = not args.no_progress
+    common = dict(rounds=args.rounds, q_pids=data["q_pids"], g_pids=data["g_pids"], out_dir=out,
+                  temperature=args.temperature, max_tokens=args.max_tokens, progress=progress)
+    try:
+        if is_sweep:
+            from .sweep import format_sweep, parse_grid, run_sweep
+
+            result = run_sweep(data["similarity"], data["captions"], data["image_paths"], client,
+                               score, lams=parse_grid(args.lams, "--lams"),
+                               xis=parse_grid(args.xis, "--xis"), **common)
+            print(format_sweep(result))
+            print(f"sweep saved to {os.path.join(out, 'sweep.json')} and sweep.csv")
+        else:
+            from . import run_thi
+
+            xi = args.xi if args.xi is not None else TARGET_XI.get(target, DEFAULT_XI)
+            result = run_thi(data["similarity"], data["captions"], data["image_paths"], client,
+                             score, lam=args.lam, xi=xi, ask=args.ask, **common)
+            if not progress and result.rounds and result.rounds[-1].get("metrics"):
+                from .report import round_table
+                last = result.rounds[-1]
+                prev = result.rounds[-2]["metrics"] if len(result.rounds) > 1 else result.base_metrics
+                print(round_table(last["round"], result.base_metrics, prev, last["metrics"]))
+            print(f"THI results in {out}: rounds.json/csv, final_similarity.npy, rankings.npy, "
+                  f"queries.jsonl, cost.json, thi.log")
+    finally:
+        close = getattr(client, "close", None)
+        if close is not None:
+            close()
+    return 0

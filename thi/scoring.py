@@ -1,0 +1,43 @@
+"""The model's similarity of new (refined) query texts to a saved gallery: THI's S_bar."""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+
+def make_score_texts(model, gallery_feats: Mapping[str, np.ndarray], text_length: int, device,
+                     batch_size: int = 256, amp=None) -> Callable[[Sequence[str]], np.ndarray]:
+    """``score_texts(texts) -> [n, G]`` float32 for ``run_thi``.
+
+    Texts are tokenized with the run's ``text_length`` (truncated, as encoding always does),
+    encoded in batches of ``batch_size`` on ``device`` and compared by cosine with the saved,
+    L2-normalised gallery features: the mean of BGE and TSE when the gallery has both (RDE),
+    BGE alone otherwise (plain CLIP / IRRA runs). This is the same rule that produced the
+    run's base similarity, so refined and original queries live on one scale.
+    """
+    import torch
+
+    from model.features import text_similarity
+    from utils.tokenizer import tokenize
+
+    if "bge" not in gallery_feats:
+        raise KeyError(f"gallery features lack 'bge' (have {sorted(gallery_feats)}); re-run "
+                       f"test.py on the target to rewrite gallery_feats.npz")
+    gallery = {k: torch.as_tensor(np.asarray(gallery_feats[k]), dtype=torch.float32)
+               for k in ("bge", "tse") if k in gallery_feats}
+    if "tse" in gallery and not getattr(model, "use_tse", True):
+        # A BGE-only model cannot reproduce a BGE+TSE base similarity.
+        raise ValueError("gallery_feats.npz has TSE features but the model has no TSE layers; "
+                         "re-run test.py with this run's checkpoint")
+    num_g = gallery["bge"].shape[0]
+
+    def score_texts(texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, num_g), dtype=np.float32)
+        ids = torch.stack([tokenize(t, text_length, truncate=True) for t in texts])
+        sim = text_similarity(model, ids, gallery, device, amp=amp, batch_size=batch_size)
+        return sim.float().cpu().numpy()
+
+    return score_texts
