@@ -84,9 +84,10 @@ class ImageTextDataset(Dataset):
         img_seed, txt_seed, rda_seed = sample_seeds(self.seed, self.epoch, index)
         image = read_image(img_path)
         if self.transform is not None:
-            # torchvision draws from torch's global generator: fork it so the seed stays local.
+            # torchvision draws from torch's global CPU generator: fork it so the seed stays
+            # local, and seed only that generator (torch.manual_seed would also reseed CUDA).
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(img_seed)
+                torch.default_generator.manual_seed(img_seed)
                 image = self.transform(image)
         item = {
             "pids": pid,

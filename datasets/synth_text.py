@@ -187,22 +187,18 @@ _ACTION_VERBS = {"walking": "walks", "standing": "stands", "running": "runs"}
 Phrase = tuple[str, dict[str, str]]
 
 
-def _upper_phrase(a: dict[str, str], rng: random.Random, brief: bool = False) -> Phrase:
+def _upper_phrase(a: dict[str, str], rng: random.Random) -> Phrase:
     kind, color, sleeve = a["upper_type"], a["upper_color"], a["sleeve"]
-    ex = {"upper_type": kind}
-    words = []
-    if not brief or rng.random() < 0.8:
-        words.append(color)
-        ex["upper_color"] = color
+    ex = {"upper_type": kind, "upper_color": color}
+    words = [color]
     suffix = ""
-    pattern_mode = rng.random() if not brief else 1.0
-    if pattern_mode < 0.5:
+    if rng.random() < 0.5:
         ex["pattern"] = a["pattern"]
         if a["pattern"] == "logo":
             suffix = " with a logo"
         else:
             words.insert(0, a["pattern"])
-    sleeve_mode = rng.random() if not brief else 1.0
+    sleeve_mode = rng.random()
     if sleeve_mode < 0.45:
         words.append(_SLEEVE_ADJ[sleeve])
         ex["sleeve"] = sleeve
@@ -212,14 +208,11 @@ def _upper_phrase(a: dict[str, str], rng: random.Random, brief: bool = False) ->
     return _with_art(" ".join(words + [kind])) + suffix, ex
 
 
-def _lower_phrase(a: dict[str, str], rng: random.Random, brief: bool = False) -> Phrase:
+def _lower_phrase(a: dict[str, str], rng: random.Random) -> Phrase:
     kind, color, length = a["lower_type"], a["lower_color"], a["lower_length"]
-    ex = {"lower_type": kind}
-    words = [kind]
-    if not brief or rng.random() < 0.8:
-        words.insert(0, color)
-        ex["lower_color"] = color
-    if not brief and rng.random() < 0.5:
+    ex = {"lower_type": kind, "lower_color": color}
+    words = [color, kind]
+    if rng.random() < 0.5:
         words.insert(0, length)
         ex["lower_length"] = length
     body = " ".join(words)
@@ -276,6 +269,64 @@ def _join(items: list[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def _vague_options(a: dict[str, str]) -> dict[str, list[tuple[str, str, dict[str, str]]]]:
+    """Per facet, the short phrases a vague caption may use: (verb, object, expressed)."""
+    plural = a["lower_type"] != "skirt"
+    lower_np = (lambda body: body if plural else _with_art(body))
+    opts = {
+        "upper": [("wearing", _with_art(a["upper_type"]), {"upper_type": a["upper_type"]}),
+                  ("wearing", _with_art(f"{a['upper_color']} {a['upper_type']}"),
+                   {"upper_type": a["upper_type"], "upper_color": a["upper_color"]})],
+        "lower": [("wearing", lower_np(a["lower_type"]), {"lower_type": a["lower_type"]}),
+                  ("wearing", lower_np(f"{a['lower_color']} {a['lower_type']}"),
+                   {"lower_type": a["lower_type"], "lower_color": a["lower_color"]})],
+        "hair": [("with", f"{a['hair_color']} hair", {"hair_color": a["hair_color"]}),
+                 ("with", f"{a['hair_length']} hair", {"hair_length": a["hair_length"]}),
+                 ("with", f"{a['hair_length']} {a['hair_color']} hair",
+                  {"hair_length": a["hair_length"], "hair_color": a["hair_color"]})],
+        "shoes": [("wearing", a["shoes_style"], {"shoes_style": a["shoes_style"]}),
+                  ("wearing", f"{a['shoes_color']} shoes", {"shoes_color": a["shoes_color"]})],
+    }
+    if a["bag"] != "none":
+        opts["bag"] = [("carrying", _with_art(a["bag"]), {"bag": a["bag"]}),
+                       ("carrying", _with_art(f"{a['bag_color']} {a['bag']}"),
+                        {"bag": a["bag"], "bag_color": a["bag_color"]})]
+    if a["hat"] != "none":
+        opts["hat"] = [("wearing", _accessory_np("hat", a["hat"]), {"hat": a["hat"]})]
+    if a["held"] != "none":
+        opts["held"] = [("holding", _with_art(a["held"]), {"held": a["held"]})]
+    return opts
+
+
+def _vague_caption(a: dict[str, str], rng: random.Random, subject: str,
+                   ex: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """"A woman in a red jacket.": two or three attributes in all (the subject's gender counts)."""
+    remaining = rng.choice((2, 3)) - len(ex)
+    options = _vague_options(a)
+    facets = list(options)
+    rng.shuffle(facets)
+    parts: list[tuple[str, str]] = []
+    for facet in facets:
+        fitting = [o for o in options[facet] if len(o[2]) <= remaining]
+        if not fitting:
+            continue
+        verb, obj, e = rng.choice(fitting)
+        parts.append((verb, obj))
+        ex.update(e)
+        remaining -= len(e)
+        if remaining <= 0:
+            break
+    # Group by verb: "A woman with long hair, wearing a red jacket and jeans."
+    pieces = []
+    for verb in ("with", "wearing", "carrying", "holding"):
+        objs = [t for v, t in parts if v == verb]
+        if objs:
+            pieces.append(f"{verb} {_join(objs)}")
+    if pieces[0].startswith("wearing") and rng.random() < 0.5:
+        pieces[0] = "in " + pieces[0][len("wearing "):]
+    return f"{subject} {', '.join(pieces)}.", ex
+
+
 def compose_caption(a: dict[str, str], rng: random.Random, detail: str = "full") -> tuple[str, dict[str, str]]:
     """A caption of image attributes ``a`` -> (text, the attributes it expresses).
 
@@ -290,43 +341,7 @@ def compose_caption(a: dict[str, str], rng: random.Random, detail: str = "full")
     ex.update(sub_ex)
 
     if detail == "vague":
-        facets = ["upper", "lower", "hair", "shoes"]
-        facets += [f for f, present in (("bag", a["bag"] != "none"), ("hat", a["hat"] != "none"),
-                                        ("held", a["held"] != "none")) if present]
-        chosen = rng.sample(facets, rng.choice((2, 3)) if len(facets) >= 3 else len(facets))
-        parts = []
-        for facet in chosen:
-            if facet == "upper":
-                text, e = _upper_phrase(a, rng, brief=True)
-                parts.append(("wearing", text))
-            elif facet == "lower":
-                text, e = _lower_phrase(a, rng, brief=True)
-                parts.append(("wearing", text))
-            elif facet == "hair":
-                text, e = _hair_phrase(a, rng)
-                parts.append(("with", text))
-            elif facet == "shoes":
-                text, e = _shoes_phrase(a, rng)
-                parts.append(("wearing", text))
-            elif facet == "bag":
-                text, e = _bag_phrase(a, rng)
-                parts.append(("carrying", text))
-            elif facet == "hat":
-                text, e = _accessory_np("hat", a["hat"]), {"hat": a["hat"]}
-                parts.append(("wearing", text))
-            else:
-                text, e = _with_art(a["held"]), {"held": a["held"]}
-                parts.append(("holding", text))
-            ex.update(e)
-        # Group by verb: "A woman with long hair wearing a red jacket and black jeans."
-        pieces = []
-        for verb in ("with", "wearing", "carrying", "holding"):
-            objs = [t for v, t in parts if v == verb]
-            if objs:
-                pieces.append(f"{verb} {_join(objs)}")
-        if pieces and pieces[0].startswith("wearing") and rng.random() < 0.5:
-            pieces[0] = "in " + pieces[0][len("wearing "):]
-        return f"{subject} {', '.join(pieces)}.", ex
+        return _vague_caption(a, rng, subject, ex)
 
     sentences: list[str] = []
     upper, e_up = _upper_phrase(a, rng)

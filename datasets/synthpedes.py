@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from tqdm import tqdm
+
 from .annotations import BaseDataset
 from .synth_render import render_person
 from .synth_schema import (QUESTION_ATTRIBUTES, SCHEMA, identity_key, mutate_identity, sample_identity,
@@ -86,7 +88,7 @@ def _atomic_write_json(path: Path, obj: object) -> None:
 
 def generate(out_dir: str | os.PathLike, *, num_ids: int = 60, images_per_id: int = 4, captions_per_image: int = 2,
              image_size: tuple[int, int] = (128, 64), splits: Sequence[float] = (0.6, 0.1, 0.3),
-             seed: int = 0) -> Path:
+             seed: int = 0, progress: bool = False) -> Path:
     """Write a SynthPEDES dataset to ``out_dir`` (deterministic per ``seed``) and return it.
 
     ``image_size`` is (H, W). Identities are split in order: the first ``splits[0]`` of them
@@ -102,7 +104,7 @@ def generate(out_dir: str | os.PathLike, *, num_ids: int = 60, images_per_id: in
     n_train, n_val, _ = _split_counts(num_ids, splits)
 
     records, image_attrs, boxes = [], {}, {}
-    for k, identity in enumerate(identities):
+    for k, identity in enumerate(tqdm(identities, desc="SynthPEDES identities", disable=not progress)):
         pid = k + 1
         split = "train" if k < n_train else "val" if k < n_train + n_val else "test"
         for j in range(images_per_id):
@@ -159,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = generate(args.out_dir, num_ids=args.num_ids, images_per_id=args.images_per_id,
                    captions_per_image=args.captions_per_image, image_size=tuple(args.image_size),
-                   splits=tuple(args.splits), seed=args.seed)
+                   splits=tuple(args.splits), seed=args.seed, progress=True)
     n_images = args.num_ids * args.images_per_id
     print(f"wrote {n_images} images of {args.num_ids} identities to {out}", file=sys.stderr)
     return 0
