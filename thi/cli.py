@@ -143,12 +143,13 @@ def _prepare(args, default_out: str):
     target = args.target or cfg.dataset_name
     root = args.root or cfg.get("root_dir")
     data = load_eval_dir(args.run, target, root)
+    cache_dir = args.cache_dir or os.path.join(args.run, "mllm_cache")
+    options = backend_options(args, root, target, cache_dir)  # flag errors before any loading
     device = resolve_device(args.device)
     model, cfg = load_run(args.run, device, checkpoint=args.checkpoint)
     score = make_score_texts(model, data["gallery_feats"], cfg.text_length, device,
                              batch_size=args.batch_size, amp=resolve_amp(cfg.get("amp"), device))
-    cache_dir = args.cache_dir or os.path.join(args.run, "mllm_cache")
-    client = build_client(args.backend, **backend_options(args, root, target, cache_dir))
+    client = build_client(args.backend, **options)
     out = args.out or os.path.join(args.run, "thi", target, *([default_out] if default_out else []))
     return target, data, score, client, out
 

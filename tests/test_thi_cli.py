@@ -1,0 +1,99 @@
+"""``python -m thi`` on a tiny run directory (random tiny CLIP, SynthPEDES, simulated MLLM):
+the run and sweep commands, the scorer against the run's own similarity, and the errors."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from thi.cli import TARGET_XI, main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_clip_path, synth_root):
+    """An untrained RDE run on SynthPEDES, evaluated on its test split (eval/SynthPEDES/)."""
+    from model import build_model
+    from processor.evaluate import evaluate_run
+    from utils.config import load_config, save_config
+
+    run = tmp_path_factory.mktemp("run")
+    cfg = load_config("configs/synthpedes_tiny.yaml",
+                      [f"root_dir={synth_root}", f"pretrain_choice={tiny_clip_path}",
+                       "num_workers=0", "test_batch_size=64"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    save_config(cfg, run / "config.yaml")
+    torch.save({"model": model.state_dict(), "epoch": 0}, run / "best.pth")
+    evaluate_run(str(run), device="cpu", progress=False)
+    return str(run)
+
+
+def _args(run_dir, synth_root, *extra):
+    return ["--run", run_dir, "--target", "SynthPEDES", "--root", synth_root,
+            "--backend", "simulated", "--device", "cpu", "--no-progress", *extra]
+
+
+def test_scorer_reproduces_the_runs_similarity(run_dir):
+    from model import load_run
+    from thi.cli import load_eval_dir
+    from thi.scoring import make_score_texts
+
+    data = load_eval_dir(run_dir, "SynthPEDES", None)
+    model, cfg = load_run(run_dir, "cpu")
+    score = make_score_texts(model, data["gallery_feats"], cfg.text_length, "cpu", batch_size=7)
+    assert set(data["gallery_feats"]) == {"bge", "tse"}
+    rows = score(data["captions"][:20])
+    np.testing.assert_allclose(rows, data["similarity"][:20], atol=1e-4)
+    assert score([]).shape == (0, data["similarity"].shape[1])
+    # Over-long refined queries are truncated to the run's text length, never an error.
+    assert score(["a man " * 200]).shape == (1, data["similarity"].shape[1])
+
+
+def test_cli_runs_thi_and_writes_outputs(run_dir, synth_root, capsys):
+    assert main(_args(run_dir, synth_root, "--rounds", "3")) == 0
+    out = os.path.join(run_dir, "thi", "SynthPEDES")
+    for name in ("rounds.json", "rounds.csv", "final_similarity.npy", "rankings.npy",
+                 "queries.jsonl", "cost.json", "thi.log", "state.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    printed = capsys.readouterr().out
+    assert "THI round 3" in printed and "rSum" in printed
+    rounds = json.load(open(os.path.join(out, "rounds.json")))
+    assert len(rounds["rounds"]) == 3
+    sim = np.load(os.path.join(run_dir, "eval", "SynthPEDES", "similarity.npy"))
+    final = np.load(os.path.join(out, "final_similarity.npy"))
+    assert final.shape == sim.shape
+    cost = json.load(open(os.path.join(out, "cost.json")))
+    assert cost["client_stats"]["cache_misses"] > 0
+    # The cache lives in the run directory: a second run elsewhere asks the MLLM nothing.
+    assert main(_args(run_dir, synth_root, "--rounds", "3", "--out",
+                      os.path.join(run_dir, "thi_again"))) == 0
+    again = json.load(open(os.path.join(run_dir, "thi_again", "cost.json")))
+    assert again["client_stats"]["cache_misses"] == 0
+    np.testing.assert_array_equal(np.load(os.path.join(run_dir, "thi_again",
+                                                       "final_similarity.npy")), final)
+
+
+def test_cli_sweep(run_dir, synth_root, capsys):
+    out = os.path.join(run_dir, "sweep_out")
+    assert main(["sweep", *_args(run_dir, synth_root, "--rounds", "2", "--lams", "0.7,0.9",
+                                 "--xis", "0.3,0.5", "--out", out)]) == 0
+    printed = capsys.readouterr().out
+    assert "R1: xi \\ lambda" in printed and "mAP: xi \\ lambda" in printed
+    saved = json.load(open(os.path.join(out, "sweep.json")))
+    assert {(p["xi"], p["lam"]) for p in saved["points"]} == {(0.3, 0.7), (0.3, 0.9),
+                                                              (0.5, 0.7), (0.5, 0.9)}
+
+
+def test_cli_errors_say_what_to_do(run_dir, synth_root):
+    with pytest.raises(FileNotFoundError, match=r"python test\.py .* --dataset RSTPReid --root"):
+        main(["--run", run_dir, "--target", "RSTPReid", "--root", synth_root, "--backend",
+              "simulated", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--model"):
+        main(["--run", run_dir, "--target", "SynthPEDES", "--root", synth_root, "--backend",
+              "vllm", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="not a directory"):
+        main(_args(os.path.join(run_dir, "nope"), synth_root))
+    assert TARGET_XI["ICFG-PEDES"] == 0.55
