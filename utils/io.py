@@ -52,4 +52,7 @@ def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
     import torch
 
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: torch's zip writer rejects some temp names
+            torch.save(obj, f)
+    _atomic(path, write)
