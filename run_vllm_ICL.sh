@@ -69,6 +69,7 @@ if [ ! -d "$RUN_DIR" ]; then
 fi
 export CUDA_VISIBLE_DEVICES=$GPUS
 TP=$(awk -F, '{print NF}' <<< "$GPUS")
+[ "$TP" -ge 1 ] || TP=1
 
 # The base similarity, ids and gallery features THI reads.
 if [ ! -f "$RUN_DIR/eval/$TARGET/gallery_feats.npz" ]; then

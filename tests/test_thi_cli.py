@@ -97,3 +97,31 @@ def test_cli_errors_say_what_to_do(run_dir, synth_root):
     with pytest.raises(SystemExit, match="not a directory"):
         main(_args(os.path.join(run_dir, "nope"), synth_root))
     assert TARGET_XI["ICFG-PEDES"] == 0.55
+
+
+@pytest.mark.parametrize("backend,extra,cls", [
+    ("vllm", ["--model", "M", "--lora", "L", "--tensor-parallel-size", "2"],
+     "utils.mllm.vllm_backend.VLLMClient"),
+    ("transformers", ["--model", "M", "--lora", "L", "--device", "cpu"],
+     "utils.mllm.hf_backend.TransformersClient"),
+    ("openai", ["--base-url", "http://127.0.0.1:9/v1", "--served-model", "icl"],
+     "utils.mllm.openai_backend.OpenAIClient"),
+    ("simulated", ["--attributes", "A", "--error-rate", "0.3"],
+     "utils.mllm.simulated.SimulatedClient"),
+])
+def test_backend_flags_map_to_client_options(backend, extra, cls):
+    import importlib
+    import inspect
+
+    from thi.cli import backend_options, build_parsers
+
+    args = build_parsers()[0].parse_args(["--run", "R", "--backend", backend, *extra])
+    opts = backend_options(args, "ROOT", "SynthPEDES", "CACHE")
+    assert opts["cache_dir"] == "CACHE"
+    module, name = cls.rsplit(".", 1)
+    inspect.signature(getattr(importlib.import_module(module), name)).bind(**opts)
+    expected = {"vllm": {"model": "M", "lora": "L", "tensor_parallel_size": 2},
+                "transformers": {"model": "M", "adapter": "L", "device": "cpu"},
+                "openai": {"base_url": "http://127.0.0.1:9/v1", "model": "icl"},
+                "simulated": {"attributes": "A", "error_rate": 0.3}}[backend]
+    assert expected.items() <= opts.items()

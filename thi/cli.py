@@ -33,12 +33,15 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--root", help="data root (default: the run's root_dir)")
     ap.add_argument("--checkpoint", default="best.pth", help="checkpoint inside the run directory")
     ap.add_argument("--backend", required=True, choices=BACKENDS, help="MLLM backend")
-    ap.add_argument("--model", help="MLLM directory (vllm, transformers), e.g. Qwen2-VL-7B-Instruct")
+    ap.add_argument("--model", help="MLLM directory (vllm, transformers), e.g. "
+                                    "Qwen2-VL-7B-Instruct")
     ap.add_argument("--lora", help="LoRA adapter directory (vllm, transformers)")
     ap.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
     ap.add_argument("--served-model", help="model name on the server (openai backend); with "
                                            "'vllm serve --enable-lora' the adapter's name")
     ap.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs for vLLM")
+    ap.add_argument("--concurrency", type=int, default=32, help="openai backend: requests in "
+                                                                "flight (the server batches them)")
     ap.add_argument("--attributes", help="simulated backend: SynthPEDES attributes.json or its "
                                          "folder (default ROOT/TARGET/attributes.json)")
     ap.add_argument("--error-rate", type=float, default=0.0, help="simulated backend: answer "
@@ -118,7 +121,8 @@ def backend_options(args, root: Optional[str], target: str, cache_dir: str) -> d
         return opts
     if args.backend == "openai":
         return {"base_url": need("--base-url", args.base_url),
-                "model": need("--served-model", args.served_model), "cache_dir": cache_dir}
+                "model": need("--served-model", args.served_model),
+                "concurrency": args.concurrency, "cache_dir": cache_dir}
     opts = {"model": need("--model", args.model), "cache_dir": cache_dir}
     if args.lora:
         opts["adapter"] = args.lora
@@ -184,7 +188,8 @@ def main(argv: Optional[list] = None) -> int:
             if not progress and result.rounds and result.rounds[-1].get("metrics"):
                 from .report import round_table
                 last = result.rounds[-1]
-                prev = result.rounds[-2]["metrics"] if len(result.rounds) > 1 else result.base_metrics
+                prev = (result.rounds[-2]["metrics"] if len(result.rounds) > 1
+                        else result.base_metrics)
                 print(round_table(last["round"], result.base_metrics, prev, last["metrics"]))
             print(f"THI results in {out}: rounds.json/csv, final_similarity.npy, rankings.npy, "
                   f"queries.jsonl, cost.json, thi.log")

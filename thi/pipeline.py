@@ -8,6 +8,7 @@ folder the state is saved after every stage, so a killed run resumes where it st
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -138,6 +139,132 @@ def _score(score_texts: Callable, texts: list, num_g: int) -> np.ndarray:
     return rows
 
 
+class _Interaction:
+    """The stages of Algorithm 1 for one run, on its state (saved after every stage)."""
+
+    def __init__(self, *, state: THIState, sim_base: np.ndarray, sim: np.ndarray, captions,
+                 image_paths, client, score_texts, lam: float, xi: float, rounds: int,
+                 ask: str, temperature: float, max_tokens: int, out_dir: Optional[str],
+                 metrics: Optional[Callable], logger):
+        self.state, self.sim_base, self.sim = state, sim_base, sim
+        self.captions, self.image_paths = captions, image_paths
+        self.client, self.score_texts = client, score_texts
+        self.lam, self.xi, self.rounds, self.ask_scheme = lam, xi, rounds, ask
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.out_dir, self.metrics, self.logger = out_dir, metrics, logger
+        self.cands, self.top1 = gating.candidates(sim_base, rounds)
+        self.anchors = np.asarray(state.anchors, dtype=np.int64)
+        self.said_yes = np.asarray(state.said_yes, dtype=bool)
+
+    def checkpoint(self, next_stage: str, similarity: Optional[np.ndarray] = None) -> None:
+        self.state.anchors, self.state.said_yes = self.anchors.tolist(), self.said_yes.tolist()
+        self.state.stage = next_stage
+        if self.out_dir:
+            save_state(self.out_dir, self.state, similarity)
+
+    def run_round(self, r: int) -> None:
+        """Round ``r`` (0-based) from the stage the state names to the end."""
+        if not self.state.current:
+            self.state.current = _new_record(r + 1)
+        stage = _Stage(self.client, self.state.current, self.temperature, self.max_tokens)
+        for name, step, next_stage in (("loc", self.localize, "vqa"), ("vqa", self.vqa, "aggr"),
+                                       ("aggr", self.aggregate, "rerank")):
+            if self.state.stage == name:
+                t0 = time.perf_counter()
+                step(r, stage)
+                self.state.current["seconds"] += time.perf_counter() - t0
+                self.checkpoint(next_stage)
+        if self.state.stage == "rerank":
+            self.rerank(r)
+
+    def localize(self, r: int, stage: _Stage) -> None:
+        """Step 1: ask candidate r of the queries the schedule picks; gate new anchors."""
+        from utils.mllm import Request
+        from utils.mllm.parsing import parse_yes_no
+        from utils.mllm.prompts import loc_prompt
+
+        st, rec = self.state, self.state.current
+        asked = np.flatnonzero(gating.ask_mask(self.ask_scheme, r, self.rounds, self.top1,
+                                               self.xi, self.anchors, self.said_yes))
+        reqs = [Request(loc_prompt(self.captions[q]), image=self.image_paths[self.cands[q, r]])
+                for q in asked]
+        parsed = [parse_yes_no(a) for a in stage.ask("loc", reqs)]
+        rec["parse_failures"]["loc"] += sum(p is None for p in parsed)
+        yes = np.array([p is True for p in parsed], dtype=bool)  # unparseable counts as "No"
+        new = asked[gating.decide(r, yes, self.top1[asked], self.xi, self.anchors[asked],
+                                  self.said_yes[asked])]
+        self.said_yes[asked] |= yes
+        self.anchors[new] = self.cands[new, r]
+        for q in new:
+            st.anchor_round[q] = r + 1
+        for q in asked:
+            st.asked_ever[q] = True
+        rec["asked"], rec["new_anchors"] = int(len(asked)), int(len(new))
+        st.pending = [int(q) for q in new]
+
+    def vqa(self, r: int, stage: _Stage) -> None:
+        """Step 2: the 15 questions on each new anchor image, parsed into sub-sentences."""
+        from utils.mllm import Request
+        from utils.mllm.parsing import parse_vqa
+        from utils.mllm.prompts import vqa_prompt
+
+        st = self.state
+        reqs = [Request(vqa_prompt(), image=self.image_paths[self.anchors[q]]) for q in st.pending]
+        kept = []
+        for q, answer in zip(st.pending, stage.ask("vqa", reqs)):
+            subtexts = parse_vqa(answer)
+            if subtexts:
+                st.subtexts[str(q)] = subtexts
+                kept.append(q)
+            else:  # nothing usable: the query keeps its base similarity
+                st.current["parse_failures"]["vqa"] += 1
+        st.pending = kept
+
+    def aggregate(self, r: int, stage: _Stage) -> None:
+        """Step 3: original query + sub-sentences -> the refined query."""
+        from utils.mllm import Request
+        from utils.mllm.prompts import aggr_prompt
+
+        st = self.state
+        reqs = [Request(aggr_prompt(self.captions[q], st.subtexts[str(q)])) for q in st.pending]
+        kept = []
+        for q, answer in zip(st.pending, stage.ask("aggr", reqs)):
+            text = clean_aggregation(answer)
+            if text:
+                st.refined[q] = text
+                kept.append(q)
+            else:
+                st.current["parse_failures"]["aggr"] += 1
+        st.pending = kept
+
+    def rerank(self, r: int) -> None:
+        """Step 4: Eq. 6 for this round's refined queries, metrics, the round's report."""
+        st, rec = self.state, self.state.current
+        t0 = time.perf_counter()
+        idx = np.asarray(st.pending, dtype=np.int64)
+        if idx.size:
+            rows = _score(self.score_texts, [st.refined[q] for q in idx], self.sim.shape[1])
+            self.sim[idx] = rerank_rows(self.sim_base[idx], rows, self.anchors[idx], self.lam)
+        rec["anchored_total"] = int((self.anchors >= 0).sum())
+        rec["refined_total"] = int(sum(t is not None for t in st.refined))
+        if self.metrics is not None:
+            rec["metrics"] = self.metrics(self.sim)
+        rec["seconds"] += time.perf_counter() - t0
+        previous = st.records[-1].get("metrics") if st.records else st.base_metrics
+        st.records.append(rec)
+        st.current, st.pending, st.round = {}, [], r + 1
+        self.checkpoint("loc", self.sim)
+        self.logger.info(
+            "round %d: asked %d, new anchors %d (total %d), refined %d, MLLM requests "
+            "loc/vqa/aggr %d/%d/%d (uncached %d), parse failures %s, %.1fs", r + 1, rec["asked"],
+            rec["new_anchors"], rec["anchored_total"], rec["refined_total"], rec["calls"]["loc"],
+            rec["calls"]["vqa"], rec["calls"]["aggr"], sum(rec["uncached"].values()),
+            rec["parse_failures"], rec["seconds"])
+        if self.metrics is not None:
+            self.logger.info("\n%s", report.round_table(r + 1, st.base_metrics, previous,
+                                                        rec["metrics"]))
+
+
 def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], client,
             score_texts: Callable[[list], "np.ndarray"], *, lam: float = 0.8, xi: float = 0.5,
             rounds: int = 5, q_pids=None, g_pids=None, out_dir: Optional[str] = None,
@@ -149,12 +276,14 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
     ``image_paths``: the G gallery images; ``client``: anything with the MLLM client's
     ``generate(requests, temperature=, max_tokens=)``; ``score_texts(texts) -> [n, G]``: the
     model's similarity of new query texts to the gallery. ``q_pids``/``g_pids`` enable
-    per-round metrics. ``out_dir`` enables outputs and resuming. ``ask`` picks which queries
-    are asked the localization question (``gating.ASK_SCHEMES``; all give the same anchors).
+    per-round metrics. ``out_dir`` enables outputs and resuming. ``progress``: progress bar and
+    log on the console. ``ask`` picks which queries are asked the localization question
+    (``gating.ASK_SCHEMES``; all give the same anchors).
     """
-    from utils.mllm import Request
-    from utils.mllm.parsing import parse_vqa, parse_yes_no
-    from utils.mllm.prompts import aggr_prompt, loc_prompt, vqa_prompt
+    from contextlib import nullcontext
+
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     sim_base = _as_matrix(similarity)
     captions = [str(c) for c in captions]
@@ -163,9 +292,9 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
     _check_inputs(sim_base, captions, image_paths, rounds, xi, q_pids, g_pids)
     if ask not in gating.ASK_SCHEMES:
         raise ValueError(f"ask must be one of {gating.ASK_SCHEMES}, got {ask!r}")
-    num_q, num_g = sim_base.shape
-    with_ids = q_pids is not None
-    if with_ids:
+    num_q = sim_base.shape[0]
+    metrics = None
+    if q_pids is not None:
         from utils.metrics import t2i_metrics
         q_pids, g_pids = np.asarray(q_pids, dtype=np.int64), np.asarray(g_pids, dtype=np.int64)
 
@@ -186,125 +315,44 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
             state = THIState.fresh(fp, num_q)
             if out_dir:  # claim the folder for these inputs and settings at once
                 save_state(out_dir, state)
+        elif state.finished(rounds):
+            logger.info("%s holds a finished THI run; returning its results", out_dir)
         else:
             logger.info("resuming %s at round %d, stage %s", out_dir, state.round + 1, state.stage)
+        cost_file = os.path.join(out_dir, "cost.json") if out_dir else ""
+        finished_before = state.finished(rounds) and os.path.isfile(cost_file)
         sim = load_similarity(out_dir, state, sim_base) if out_dir else sim_base.copy()
-        if with_ids and state.base_metrics is None:
+        if metrics is not None and state.base_metrics is None:
             state.base_metrics = metrics(sim_base)
         logger.info("THI: %d queries, %d gallery images, K=%d, lambda=%g, xi=%g, ask=%s",
-                    num_q, num_g, rounds, lam, xi, ask)
-
-        cands, top1 = gating.candidates(sim_base, rounds)
-        anchors = np.asarray(state.anchors, dtype=np.int64)
-        said_yes = np.asarray(state.said_yes, dtype=bool)
-
-        def checkpoint(next_stage: str, similarity_now=None):
-            state.anchors, state.said_yes = anchors.tolist(), said_yes.tolist()
-            state.stage = next_stage
-            if out_dir:
-                save_state(out_dir, state, similarity_now)
-
-        from tqdm import tqdm
-        bar = tqdm(range(state.round, rounds), desc="THI rounds", disable=not progress,
-                   initial=state.round, total=rounds)
-        for r in bar:
-            if not state.current:
-                state.current = _new_record(r + 1)
-            rec = state.current
-            stage = _Stage(client, rec, temperature, max_tokens)
-
-            if state.stage == "loc":
-                t0 = time.perf_counter()
-                asked = np.flatnonzero(gating.ask_mask(ask, r, rounds, top1, xi, anchors, said_yes))
-                reqs = [Request(loc_prompt(captions[q]), image=image_paths[cands[q, r]])
-                        for q in asked]
-                parsed = [parse_yes_no(a) for a in stage.ask("loc", reqs)]
-                rec["parse_failures"]["loc"] += sum(p is None for p in parsed)
-                yes = np.array([p is True for p in parsed], dtype=bool)
-                new = asked[gating.decide(r, yes, top1[asked], xi, anchors[asked],
-                                          said_yes[asked])]
-                said_yes[asked] |= yes
-                anchors[new] = cands[new, r]
-                for q in new:
-                    state.anchor_round[q] = r + 1
-                for q in asked:
-                    state.asked_ever[q] = True
-                rec["asked"] = int(len(asked))
-                rec["new_anchors"] = int(len(new))
-                state.pending = [int(q) for q in new]
-                rec["seconds"] += time.perf_counter() - t0
-                checkpoint("vqa")
-
-            if state.stage == "vqa":
-                t0 = time.perf_counter()
-                reqs = [Request(vqa_prompt(), image=image_paths[anchors[q]]) for q in state.pending]
-                answers = stage.ask("vqa", reqs)
-                kept = []
-                for q, a in zip(state.pending, answers):
-                    subtexts = parse_vqa(a)
-                    if subtexts:
-                        state.subtexts[str(q)] = subtexts
-                        kept.append(q)
-                    else:  # nothing usable: the query keeps its base similarity
-                        rec["parse_failures"]["vqa"] += 1
-                state.pending = kept
-                rec["seconds"] += time.perf_counter() - t0
-                checkpoint("aggr")
-
-            if state.stage == "aggr":
-                t0 = time.perf_counter()
-                reqs = [Request(aggr_prompt(captions[q], state.subtexts[str(q)]))
-                        for q in state.pending]
-                answers = stage.ask("aggr", reqs)
-                kept = []
-                for q, a in zip(state.pending, answers):
-                    text = clean_aggregation(a)
-                    if text:
-                        state.refined[q] = text
-                        kept.append(q)
-                    else:
-                        rec["parse_failures"]["aggr"] += 1
-                state.pending = kept
-                rec["seconds"] += time.perf_counter() - t0
-                checkpoint("rerank")
-
-            if state.stage == "rerank":
-                t0 = time.perf_counter()
-                idx = np.asarray(state.pending, dtype=np.int64)
-                if idx.size:
-                    refined_rows = _score(score_texts, [state.refined[q] for q in idx], num_g)
-                    sim[idx] = rerank_rows(sim_base[idx], refined_rows, anchors[idx], lam)
-                rec["anchored_total"] = int((anchors >= 0).sum())
-                rec["refined_total"] = int(sum(t is not None for t in state.refined))
-                if with_ids:
-                    rec["metrics"] = metrics(sim)
-                rec["seconds"] += time.perf_counter() - t0
-                previous = state.records[-1].get("metrics") if state.records else state.base_metrics
-                state.records.append(rec)
-                state.current, state.pending = {}, []
-                state.round = r + 1
-                checkpoint("loc", sim)
-                logger.info("round %d: asked %d, new anchors %d (total %d), refined %d, MLLM "
-                            "calls loc/vqa/aggr %d/%d/%d (uncached %d), parse failures %s, %.1fs",
-                            r + 1, rec["asked"], rec["new_anchors"], rec["anchored_total"],
-                            rec["refined_total"], rec["calls"]["loc"], rec["calls"]["vqa"],
-                            rec["calls"]["aggr"], sum(rec["uncached"].values()),
-                            rec["parse_failures"], rec["seconds"])
-                if with_ids:
-                    logger.info("\n%s", report.round_table(r + 1, state.base_metrics, previous,
-                                                           rec["metrics"]))
-        bar.close()
+                    num_q, sim_base.shape[1], rounds, lam, xi, ask)
+        run = _Interaction(state=state, sim_base=sim_base, sim=sim, captions=captions,
+                           image_paths=image_paths, client=client, score_texts=score_texts,
+                           lam=lam, xi=xi, rounds=rounds, ask=ask, temperature=temperature,
+                           max_tokens=max_tokens, out_dir=out_dir, metrics=metrics,
+                           logger=logger)
+        # Log lines go through tqdm.write so they do not break the progress bar.
+        with logging_redirect_tqdm(loggers=[logger]) if progress else nullcontext():
+            with tqdm(total=rounds, initial=state.round, desc="THI rounds",
+                      disable=not progress) as bar:
+                for r in range(state.round, rounds):
+                    run.run_round(r)
+                    bar.update(1)
 
         interacted = int(sum(state.asked_ever))
-        cost = report.cost_report(state.records, num_q, interacted, _client_stats(client))
-        result = THIResult(similarity=sim, anchors=anchors.copy(),
+        if finished_before:  # keep the finished run's own report (client counters included)
+            with open(cost_file, encoding="utf-8") as f:
+                cost = json.load(f)
+        else:
+            cost = report.cost_report(state.records, num_q, interacted, _client_stats(client))
+        result = THIResult(similarity=run.sim, anchors=run.anchors.copy(),
                            refined=list(state.refined), rounds=list(state.records),
                            anchor_round=np.asarray(state.anchor_round, dtype=np.int64),
                            base_metrics=state.base_metrics, cost=cost)
-        if out_dir:
-            _write_outputs(out_dir, state, result, captions, image_paths, cands, top1)
+        if out_dir and not finished_before:
+            _write_outputs(out_dir, state, result, captions, image_paths, run.cands, run.top1)
         logger.info("THI done: %d/%d queries interacted, %d anchored, %d refined, %.2f MLLM "
-                    "requests per query", interacted, num_q, int((anchors >= 0).sum()),
+                    "requests per query", interacted, num_q, int((run.anchors >= 0).sum()),
                     sum(t is not None for t in state.refined), cost["calls_per_query"])
         return result
     finally:
@@ -315,7 +363,7 @@ def _write_outputs(out_dir: str, state: THIState, result: THIResult, captions, i
                    cands: np.ndarray, top1: np.ndarray) -> None:
     """Final similarity, top-10 rankings, per-query records, per-round metrics and the cost
     report; the state then points at final_similarity.npy (the run is complete)."""
-    from utils.io import atomic_save_npy
+    from utils.io import atomic_save_npy, atomic_write_json
     from utils.metrics import topk
 
     atomic_save_npy(os.path.join(out_dir, "final_similarity.npy"), result.similarity)
@@ -331,7 +379,6 @@ def _write_outputs(out_dir: str, state: THIState, result: THIResult, captions, i
                      "top1_similarity": float(top1[q]), "candidates": cands[q].tolist()})
     report.write_queries(out_dir, rows)
     report.write_rounds(out_dir, result.base_metrics, result.rounds)
-    from utils.io import atomic_write_json
     atomic_write_json(os.path.join(out_dir, "cost.json"), result.cost)
     if state.similarity_file != "final_similarity.npy":
         old = state.similarity_file
