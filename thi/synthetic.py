@@ -29,9 +29,8 @@ class AttributeSimilarity:
     """``score_texts(texts) -> [n, G]`` float32 over the gallery ``image_paths``.
 
     ``attributes``: SynthPEDES ``attributes.json`` or its folder; ``scale``: the similarity of
-    a perfect match before noise (0.45 puts top-1 similarities on both sides of xi = 0.5, as
-    with RDE on the real benchmarks); ``noise``:
-    standard deviation of the noise; ``seed``: the noise seed.
+    a perfect match before noise (0.45 puts top-1 similarities on both sides of xi = 0.5);
+    ``noise``: standard deviation of the noise; ``seed``: the noise seed.
     """
 
     def __init__(self, attributes: str, image_paths: Sequence[str], scale: float = 0.45,
