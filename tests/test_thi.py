@@ -253,6 +253,20 @@ def test_run_thi_applies_eq6_only_to_refined_queries():
             np.testing.assert_allclose(res.similarity[q], 0.7 * sim[q] + 0.3 * s_bar, atol=1e-6)
 
 
+def test_torch_input_gives_the_same_result():
+    import torch
+
+    names, sim, captions, script = _case_setup()
+    a = run_thi(sim, captions, IMAGES, ScriptedClient(lambda c, i: script[(c, i)]),
+                _zero_scores(G), progress=False)
+    b = run_thi(torch.from_numpy(sim), captions, IMAGES,
+                ScriptedClient(lambda c, i: script[(c, i)]),
+                lambda texts: torch.zeros(len(texts), G), progress=False)
+    assert isinstance(b.similarity, np.ndarray) and b.anchors.dtype == np.int64
+    np.testing.assert_array_equal(a.similarity, b.similarity)
+    np.testing.assert_array_equal(a.anchors, b.anchors)
+
+
 @pytest.mark.parametrize("vqa,aggr,failed_stage", [("I cannot tell.", None, "vqa"),
                                                     ("", None, "vqa"),
                                                     (VQA_ANSWER, "   ", "aggr")])
