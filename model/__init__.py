@@ -90,14 +90,14 @@ def load_checkpoint(model: RDE, path: str | os.PathLike, strict_backbone: bool =
 
 def build_from_weights(cfg, path: str | os.PathLike) -> RDE:
     """RDE whose backbone shape is read from a checkpoint's ``base_model.*`` weights."""
-    from model.clip import build_clip
+    from model.clip import CLIP, infer_config
 
     sd = read_state_dict(path)
     base_sd = {k[len("base_model."):]: v for k, v in sd.items() if k.startswith("base_model.")}
     if not base_sd:
         raise ValueError(f"{path}: no 'base_model.*' weights to rebuild the backbone from")
-    base = build_clip(base_sd, image_size=tuple(cfg.img_size), stride=cfg.stride_size,
-                      text_length=cfg.text_length)
+    # The weights were fine-tuned at the run's input sizes: no position-embedding resizing.
+    base = CLIP(infer_config(base_sd, tuple(cfg.img_size), cfg.stride_size, cfg.text_length))
     model = _rde(cfg, base)
     load_checkpoint(model, path)
     return model
