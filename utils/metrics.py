@@ -65,7 +65,8 @@ def _rankable(sim: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"similarity must be a float matrix, got {sim.dtype}")
     if sim.dtype not in (torch.float32, torch.float64):
         sim = sim.float()
-    if torch.isnan(sim).any():
+    # A sum is one cheap pass and is NaN whenever an entry is; only then look closer.
+    if not torch.isfinite(sim.sum()) and torch.isnan(sim).any():
         raise ValueError("similarity contains NaN; check the features (zero vectors normalise to NaN)")
     return sim
 
@@ -229,8 +230,9 @@ def similarity_chunks(q_feats, g_feats, chunk_size: int = 1024, device=None) -> 
                 "(same D within a view, same Q and G across views)"
             )
     dev = torch.device(device) if device is not None else qs[0].device
-    # One float32 copy of the gallery (200 MB for 100k x 512): small next to a chunk's work.
-    gts = [gv.to(dev, torch.float32).t() for gv in gs]
+    # One float32 [D, G] copy of the gallery (200 MB for 100k x 512), contiguous because
+    # that multiplies ~15% faster than a transposed view on the CPU.
+    gts = [gv.to(dev, torch.float32).t().contiguous() for gv in gs]
     for start in range(0, qs[0].shape[0], chunk_size):
         sim = None
         for qv, gt in zip(qs, gts):
@@ -242,11 +244,18 @@ def similarity_chunks(q_feats, g_feats, chunk_size: int = 1024, device=None) -> 
 
 
 def t2i_metrics_from_features(
-    q_feats, g_feats, q_pids: ArrayLike, g_pids: ArrayLike, chunk_size: int = 1024, device=None
+    q_feats,
+    g_feats,
+    q_pids: ArrayLike,
+    g_pids: ArrayLike,
+    chunk_size: int = 1024,
+    device=None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """t2i_metrics of sim = q_feats @ g_feats.T, built chunk by chunk (see similarity_chunks).
 
-    Memory beyond the inputs: a float32 gallery copy plus O(chunk_size x G).
+    Memory beyond the inputs: a float32 gallery copy plus O(chunk_size x G). `progress`
+    shows a tqdm bar over the query chunks.
     """
     q, g = _as_pids(q_pids, "q_pids"), _as_pids(g_pids, "g_pids")
     num_q = _views(q_feats, "q_feats")[0].shape[0]
@@ -259,7 +268,12 @@ def t2i_metrics_from_features(
     gallery = _GalleryIndex(g)
     q_np = q.numpy()
     acc = _Accumulator()
-    for start, sim in similarity_chunks(q_feats, g_feats, chunk_size, device):
+    chunks = similarity_chunks(q_feats, g_feats, chunk_size, device)
+    if progress:
+        from tqdm import tqdm
+
+        chunks = tqdm(chunks, total=-(-num_q // int(chunk_size)), desc="t2i metrics", unit="chunk")
+    for start, sim in chunks:
         acc.add(*_chunk_ranks(sim, gallery.columns(q_np[start:start + sim.shape[0]])), sim.shape[0])
         del sim
     return acc.result()
