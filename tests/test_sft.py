@@ -176,3 +176,71 @@ def test_training_pairs_layout_and_noise(tmp_path):
     noisy = training_pairs(ds, noisy_rate=0.3, noisy_file=str(tmp_path / "noise.npy"))
     assert noisy.captions == [plain.captions[j] for j in index]
     np.testing.assert_array_equal(noisy.caption_images, plain.caption_images)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_clip_path, synth_root, tmp_path_factory):
+    """A 1-epoch RDE run of the tiny CLIP on SynthPEDES (config.yaml, best.pth, ccd/epoch_1.npz)."""
+    from processor.trainer import train
+    from utils.config import load_config
+
+    out = tmp_path_factory.mktemp("sft-run")
+    items = {"dataset_name": "SynthPEDES", "root_dir": synth_root, "output_dir": str(out),
+             "pretrain_choice": tiny_clip_path, "img_size": [64, 32], "tse_embed_dim": 64,
+             "batch_size": 32, "test_batch_size": 64, "num_workers": 0, "img_aug": False,
+             "txt_aug": False, "lr": 5e-4, "num_epoch": 1, "warmup_epochs": 1, "log_period": 1000,
+             "device": "cpu", "save_eval": False, "seed": 0}
+    cfg = load_config(None, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+                             for k, v in items.items()])
+    run_dir = str(out / "run")
+    train(cfg, run_dir, progress=False)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_cli_sft_from_a_trained_run(tiny_run, synth_root, tmp_path):
+    """``python -m rda sft``: the model's top-10 (checked against a dense similarity computed
+    here with the model's own encoders), CCD's clean pairs only, the counts asked for."""
+    import torch
+    import torch.nn.functional as F
+
+    from datasets import build_dataset, build_transforms
+    from datasets.bases import read_image
+    from model import load_run
+    from rda.cli import main
+    from utils.tokenizer import tokenize
+
+    out = tmp_path / "sft"
+    assert main(["sft", "--run", tiny_run, "--out", str(out), "--positives", "30",
+                 "--negatives", "20", "--device", "cpu", "--no-progress"]) == 0
+    records = json.loads((out / "icl_anchor.json").read_text())
+    meta = json.loads((out / "icl_anchor.meta.json").read_text())
+    assert json.loads((out / "dataset_info.json").read_text())["icl_anchor"]["file_name"] == "icl_anchor.json"
+    assert [r["label"] for r in records].count("Yes") == 30
+    assert [r["label"] for r in records].count("No") == 20
+    assert meta["ccd_file"].endswith(os.path.join("ccd", "epoch_1.npz"))
+
+    pairs = training_pairs(build_dataset("SynthPEDES", synth_root))
+    clean = clean_mask(meta["ccd_file"], len(pairs.captions))
+    assert meta["clean_pairs"] == int(clean.sum()) < len(pairs.captions)
+    # dense similarity, independently of the CLI's chunked feature path
+    model, cfg = load_run(tiny_run, "cpu")
+    tf = build_transforms(cfg.img_size, aug=False, is_train=False)
+    with torch.no_grad():
+        imgs = torch.stack([tf(read_image(p)) for p in pairs.image_paths])
+        ids = torch.stack([tokenize(c, cfg.text_length) for c in pairs.captions])
+        sim = sum(F.normalize(t(ids), dim=-1) @ F.normalize(i(imgs), dim=-1).T
+                  for t, i in ((model.encode_text, model.encode_image),
+                               (model.encode_text_tse, model.encode_image_tse))) / 2
+    sim = sim.numpy()
+    tenth = np.sort(sim, axis=1)[:, -10]  # the 10th best score per caption
+    for r in records:
+        c, i = r["caption_index"], r["image_index"]
+        assert clean[c]
+        assert r["images"] == [pairs.image_paths[i]]
+        assert r["messages"][0]["content"] == "<image>" + loc_prompt(pairs.captions[c])
+        if r["label"] == "Yes":
+            assert i == pairs.caption_images[c]
+        else:
+            # in the top-10 (up to float noise between batched and dense encoding)
+            assert sim[c, i] >= tenth[c] - 1e-5 and pairs.image_pids[i] != pairs.caption_pids[c]
