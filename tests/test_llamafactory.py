@@ -86,6 +86,47 @@ def lf_run(tmp_path_factory, synth_root):
             "merged": merged, "env": env}
 
 
+YAML_SNIPPET = r"""
+import json, sys, yaml
+from transformers import HfArgumentParser
+from llamafactory.hparams.parser import _INFER_ARGS, _TRAIN_ARGS
+out = {}
+for path in sys.argv[1:]:
+    d = yaml.safe_load(open(path))
+    kind = _TRAIN_ARGS if d.get("do_train") else _INFER_ARGS
+    if "bf16" in d:
+        d["bf16"] = False  # this machine may have no bf16 GPU; everything else as written
+    parsed = HfArgumentParser(kind).parse_dict(d, allow_extra_keys=False)  # unknown keys raise
+    out[path] = {k: getattr(o, k) for o in parsed for k in (
+        "template", "finetuning_type", "lora_rank", "lora_alpha", "lora_target", "learning_rate",
+        "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+        "infer_dtype") if hasattr(o, k)}
+print("LF-RESULT " + json.dumps(out, default=str))
+"""
+
+
+def test_recipe_yamls_parse_with_llamafactory(tmp_path):
+    """Every YAML of configs/llamafactory/ is valid for LLaMA-Factory 0.9.5 (no unknown key) and
+    the 7B recipe holds the paper's settings."""
+    if not os.path.exists(LF_PYTHON):
+        pytest.skip(f"{LF_PYTHON} not found: create it with bash scripts/install_llamafactory.sh")
+    folder = os.path.join(REPO, "configs", "llamafactory")
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".yaml"))
+    assert len(paths) == 4
+    proc = subprocess.run([LF_PYTHON, "-c", YAML_SNIPPET, *paths], cwd=str(tmp_path),
+                          env=lf_env(str(tmp_path)), capture_output=True, text=True, timeout=300)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("LF-RESULT ")]
+    assert proc.returncode == 0 and line, proc.stderr[-4000:]
+    parsed = json.loads(line[0][len("LF-RESULT "):])
+    sft = parsed[os.path.join(folder, "qwen2vl_lora_sft.yaml")]
+    assert sft == {"template": "qwen2_vl", "finetuning_type": "lora", "lora_rank": 8,
+                   "lora_alpha": 16, "lora_target": ["all"], "learning_rate": 5e-5,
+                   "num_train_epochs": 2.0, "per_device_train_batch_size": 4,
+                   "gradient_accumulation_steps": 16, "infer_dtype": "auto"}
+    export = parsed[os.path.join(folder, "qwen2vl_export.yaml")]
+    assert export["finetuning_type"] == "lora" and export["template"] == "qwen2_vl"
+
+
 LOADER_SNIPPET = r"""
 import json, sys
 from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
@@ -169,12 +210,18 @@ def test_lora_train_and_export_merge_exactly(lf_run):
     assert all(torch.equal(base[k], merged[k]) for k in unchanged)
 
 
+@pytest.fixture(scope="session")  # session scope: set up before (not after) lf_run
+def vllm_available():
+    """Skip (before the LoRA fixture is built) where vLLM is not importable."""
+    pytest.importorskip("vllm", reason="run with .venv-vllm/bin/python -m pytest -m vllm")
+
+
 @pytest.mark.vllm
-def test_adapter_in_vllm_equals_merged_in_transformers_and_drives_thi(lf_run, tmp_path):
+def test_adapter_in_vllm_equals_merged_in_transformers_and_drives_thi(vllm_available, lf_run,
+                                                                       tmp_path):
     """The unmerged adapter through the ``vllm`` backend and the merged model through the
     ``transformers`` backend give the same greedy tokens in float32 (and differ from the base
     model: the adapter is applied); then THI runs once with the adapter."""
-    pytest.importorskip("vllm", reason="run with .venv-vllm/bin/python -m pytest -m vllm")
     from thi import run_thi
     from utils.mllm import Request, build_client
     from utils.mllm.prompts import loc_prompt
