@@ -9,9 +9,10 @@ The metrics only need the 0-based rank of each correct gallery item g of a query
     rank(g) = #{h < g : s_h >= s_g} + #{h > g : s_h > s_g}
 
 is one comparison pass over the query's row, ties included. On the CPU each chunk is ranked
-this way with numpy (counting is ~100x cheaper than sorting a row when a query has the few
-correct images ReID benchmarks have; rows with very many correct items are argsorted
-instead). On an accelerator the chunk is stably argsorted on the device.
+this way with numpy: at G = 100k one pass costs about 1/500 of a stable argsort of the row,
+so with the few correct images per query of the ReID benchmarks counting wins by two orders
+of magnitude (rows with very many correct items are argsorted instead). On an accelerator
+the chunk is stably argsorted on the device.
 
 Queries without any correct gallery item have no defined AP/mINP (the TIReID code divides by
 zero there). They are skipped with a RuntimeWarning giving their number: every metric is
