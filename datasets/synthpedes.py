@@ -29,6 +29,8 @@ from typing import Sequence
 
 from tqdm import tqdm
 
+from utils.io import atomic_write_json
+
 from .annotations import BaseDataset
 from .synth_render import render_person
 from .synth_schema import (QUESTION_ATTRIBUTES, SCHEMA, identity_key, mutate_identity, sample_identity,
@@ -79,13 +81,6 @@ def _split_counts(num_ids: int, splits: Sequence[float]) -> tuple[int, int, int]
     return n_train, n_val, n_test
 
 
-def _atomic_write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False)
-    os.replace(tmp, path)
-
-
 def generate(out_dir: str | os.PathLike, *, num_ids: int = 60, images_per_id: int = 4, captions_per_image: int = 2,
              image_size: tuple[int, int] = (128, 64), splits: Sequence[float] = (0.6, 0.1, 0.3),
              seed: int = 0, progress: bool = False) -> Path:
@@ -127,9 +122,9 @@ def generate(out_dir: str | os.PathLike, *, num_ids: int = 60, images_per_id: in
             image_attrs[file_path] = attrs
             boxes[file_path] = box
 
-    _atomic_write_json(out / "attributes.json", {"version": ATTRIBUTES_VERSION, "schema": SCHEMA,
+    atomic_write_json(out / "attributes.json", {"version": ATTRIBUTES_VERSION, "schema": SCHEMA,
                                                  "images": image_attrs, "boxes": boxes})
-    _atomic_write_json(out / "reid_raw.json", records)
+    atomic_write_json(out / "reid_raw.json", records, indent=None)
     return out
 
 
