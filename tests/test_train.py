@@ -41,3 +41,82 @@ def test_resume_is_bit_identical(tiny_clip_path, synth_root, tmp_path):
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
     for name in ("config.yaml", "best.pth", "ccd/epoch_1.npz", "ccd/epoch_2.npz", "train.log"):
         assert os.path.exists(tmp_path / "straight" / name), name
+
+
+# ---------------------------------------------------------------- learning from scratch, CCD
+# A random-init backbone stands in for CLIP. From scratch, InfoNCE at CLIP's initial temperature
+# (0.07) learns far faster than TAL (whose tau = 0.015 focuses on the hardest negative and needs
+# a pretrained backbone, as VSE++ observed for max-violation losses), so the warm start uses it.
+SCRATCH = dict(loss_names="InfoNCE", temperature=0.07, ccd=False, lr=2e-3, num_epoch=30, eval_period=30)
+
+
+@pytest.fixture(scope="module")
+def synth300(tmp_path_factory):
+    from datasets.synthpedes import generate
+
+    root = tmp_path_factory.mktemp("synth300")
+    generate(root / "SynthPEDES", num_ids=300, images_per_id=2, seed=0)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def scratch_run(tiny_clip_path, synth300, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scratch")
+    cfg = tiny_cfg(tiny_clip_path, synth300, out, **SCRATCH)
+    history = train(cfg, str(out / "run"), progress=False)
+    return str(out / "run"), history
+
+
+@pytest.mark.slow
+def test_short_training_lifts_rank1_far_above_chance(scratch_run):
+    """300 identities (180 train, 90 test, 2 images each, look-alike clusters): chance is
+    R1 = 2/180 = 1.1% and R10 ~ 10.6%. Measured: R1 7.5, R10 44.7, mAP 13.9 after 30 epochs
+    (about a minute on 2 cores)."""
+    run, history = scratch_run
+    final = history["epochs"][-1]["metrics"]["t2i"]
+    assert final["R1"] > 6.0, final      # > 5x chance
+    assert final["R10"] > 30.0, final    # > 2.8x chance
+    assert final["mAP"] > 10.0, final
+
+
+@pytest.mark.slow
+def test_ccd_flags_injected_noise(scratch_run, tiny_clip_path, synth300, tmp_path):
+    """40% of the pairs get another pair's caption. Starting from a backbone that aligns the clean
+    pairs (CLIP's role, played by the warm-started run), CCD's consensus marks the shuffled pairs.
+    Measured: precision 0.98, recall 0.88 in epochs 1 and 2."""
+    run, _ = scratch_run
+    cfg = tiny_cfg(tiny_clip_path, synth300, tmp_path, loss_names="InfoNCE", temperature=0.07, lr=1e-4,
+                   warmup_epochs=0, num_epoch=2, eval_period=5, noisy_rate=0.4,
+                   noisy_file=str(tmp_path / "noise.npy"), init_checkpoint=os.path.join(run, "best.pth"))
+    history = train(cfg, str(tmp_path / "noisy"), progress=False)
+    for record in history["epochs"]:
+        assert record["noisy_precision"] > 0.8 and record["noisy_recall"] > 0.8, record
+    ccd = np.load(tmp_path / "noisy" / "ccd" / "epoch_1.npz")
+    noisy = ccd["noisy_mask"].astype(bool)
+    assert 0.35 < noisy.mean() < 0.45
+    both_noisy = (ccd["clean_bge"] == 0) & (ccd["clean_tse"] == 0)
+    assert (ccd["weights"][both_noisy] == 0).all()
+    assert (ccd["weights"][(ccd["clean_bge"] == 1) & (ccd["clean_tse"] == 1)] == 1).all()
+
+
+def test_rda_term_is_used_with_its_schedule(tiny_clip_path, synth_root, tmp_path):
+    """With RDA sub-sentences in the annotation file the loss gains g * L_a, g = max(0.1, 1 - 0.03 e)."""
+    from rda import generate_rda
+    from utils.mllm import build_client
+
+    synth = os.path.join(synth_root, "SynthPEDES")
+    records = json.load(open(os.path.join(synth, "reid_raw.json")))
+    rda_file = tmp_path / "reid_raw.rda.json"
+    generate_rda(records, build_client("simulated", attributes=synth), image_root=os.path.join(synth, "imgs"),
+                 rewrites=2, out_path=str(rda_file), progress=False)
+    cfg = tiny_cfg(tiny_clip_path, synth_root, tmp_path, anno_file=str(rda_file), num_epoch=2, ccd=False)
+    history = train(cfg, str(tmp_path / "rda"), progress=False)
+    for record in history["epochs"]:
+        assert record["rda_gamma"] == pytest.approx(max(0.1, 1 - 0.03 * record["epoch"]))
+        assert record["bge_aug_loss"] > 0 and record["tse_aug_loss"] > 0
+        assert record["loss"] == pytest.approx(record["bge_loss"] + record["tse_loss"] + record["bge_aug_loss"]
+                                               + record["tse_aug_loss"], rel=1e-5)
+    plain = cfg.copy()
+    plain.rda = False
+    history = train(plain, str(tmp_path / "plain"), progress=False)
+    assert "bge_aug_loss" not in history["epochs"][0] and "rda_gamma" not in history["epochs"][0]
