@@ -185,12 +185,9 @@ def main(argv: Optional[list] = None) -> int:
             xi = args.xi if args.xi is not None else TARGET_XI.get(target, DEFAULT_XI)
             result = run_thi(data["similarity"], data["captions"], data["image_paths"], client,
                              score, lam=args.lam, xi=xi, ask=args.ask, **common)
-            if not progress and result.rounds and result.rounds[-1].get("metrics"):
-                from .report import round_table
-                last = result.rounds[-1]
-                prev = (result.rounds[-2]["metrics"] if len(result.rounds) > 1
-                        else result.base_metrics)
-                print(round_table(last["round"], result.base_metrics, prev, last["metrics"]))
+            if result.rounds and result.rounds[-1].get("metrics"):
+                from .report import rounds_table
+                print(rounds_table(result.base_metrics, result.rounds))
             print(f"THI results in {out}: rounds.json/csv, final_similarity.npy, rankings.npy, "
                   f"queries.jsonl, cost.json, thi.log")
     finally:

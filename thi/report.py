@@ -32,6 +32,24 @@ def round_table(round_no: int, base: Mapping, previous: Mapping, now: Mapping) -
                           (f"round {round_no}", now)], title=f"THI round {round_no}")
 
 
+def rounds_table(base: Mapping, rounds: Sequence[Mapping]) -> str:
+    """One row per round (the paper's Fig. 6 as a table): metrics after each round and the MLLM
+    requests that round made per stage."""
+    from prettytable import PrettyTable
+
+    table = PrettyTable(["after", *METRICS, "loc", "vqa", "aggr", "new anchors"])
+    table.title = "THI per round"
+    table.add_row(["base", *(f"{with_rsum(base)[k]:.2f}" for k in METRICS), "", "", "", ""])
+    for r in rounds:
+        if not r.get("metrics"):
+            continue
+        m = with_rsum(r["metrics"])
+        calls = r.get("calls", {})
+        table.add_row([f"round {r['round']}", *(f"{m[k]:.2f}" for k in METRICS),
+                       *(calls.get(s, "") for s in STAGE_NAMES), r.get("new_anchors", "")])
+    return table.get_string()
+
+
 def make_logger(log_file: Optional[str], console: bool) -> logging.Logger:
     """The ``thi`` logger, writing to ``log_file`` (appended) and, if ``console``, to stdout.
     Call :func:`close_logger` when done so the file is released."""
