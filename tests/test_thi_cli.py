@@ -59,7 +59,7 @@ def test_cli_runs_thi_and_writes_outputs(run_dir, synth_root, capsys):
                  "queries.jsonl", "cost.json", "thi.log", "state.json"):
         assert os.path.isfile(os.path.join(out, name)), name
     printed = capsys.readouterr().out
-    assert "THI round 3" in printed and "rSum" in printed
+    assert "THI per round" in printed and "round 3" in printed and "rSum" in printed
     rounds = json.load(open(os.path.join(out, "rounds.json")))
     assert len(rounds["rounds"]) == 3
     sim = np.load(os.path.join(run_dir, "eval", "SynthPEDES", "similarity.npy"))
