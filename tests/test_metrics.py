@@ -158,7 +158,7 @@ def test_cuda_matches_cpu():
     rng = np.random.default_rng(6)
     sim, q_pids, g_pids = random_case(rng, 300, 250, 40, ties=True)
     expected = full_sort_metrics(sim, q_pids, g_pids)
-    assert_metrics_close(t2i_metrics(torch.from_numpy(sim).cuda(), q_pids, g_pids, chunk_size=64), expected)
+    assert_metrics_close(t2i_metrics(torch.from_numpy(sim).to("cuda"), q_pids, g_pids, chunk_size=64), expected)
 
 
 # ---------------------------------------------------------------- from features

@@ -22,7 +22,7 @@ def toy():
     identity is usually, but not always, ranked first (so the top-10 mixes identities)."""
     rng = np.random.default_rng(3)
     image_pids = np.repeat(np.arange(N_IDS), IMGS_PER_ID)
-    image_paths = [f"/data/imgs/{i:03d}.jpg" for i in range(len(image_pids))]
+    image_paths = [f"/mnt/reid/imgs/{i:03d}.jpg" for i in range(len(image_pids))]
     caption_images = np.repeat(np.arange(len(image_pids)), CAPS_PER_IMG)
     caption_pids = image_pids[caption_images]
     captions = [f"caption {c} of image {i}" for c, i in enumerate(caption_images)]
