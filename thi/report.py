@@ -53,23 +53,9 @@ def rounds_table(base: Mapping, rounds: Sequence[Mapping]) -> str:
 def make_logger(log_file: Optional[str], console: bool) -> logging.Logger:
     """The ``thi`` logger, writing to ``log_file`` (appended) and, if ``console``, to stdout.
     Call :func:`close_logger` when done so the file is released."""
-    logger = logging.getLogger("thi")
-    close_logger(logger)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    fmt = logging.Formatter("%(asctime)s thi %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S")
-    if console:
-        h = logging.StreamHandler(sys.stdout)
-        h.setFormatter(fmt)
-        logger.addHandler(h)
-    if log_file is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
-        h = logging.FileHandler(log_file, mode="a", encoding="utf-8")
-        h.setFormatter(fmt)
-        logger.addHandler(h)
-    if not logger.handlers:
-        logger.addHandler(logging.NullHandler())
-    return logger
+    from utils.logger import setup_logger
+
+    return setup_logger("thi", log_file, console=console)
 
 
 def close_logger(logger: logging.Logger) -> None:
