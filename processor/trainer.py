@@ -3,7 +3,6 @@ evaluation, best/last checkpoints with exact resume."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import time

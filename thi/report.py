@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import os
-import sys
 from typing import Mapping, Optional, Sequence
 
 from utils.io import atomic_write_json, atomic_write_text
