@@ -76,7 +76,6 @@ def bench(name, sizes, img_size, batch, steps, device, amp, tse_dim=1024):
         mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS (process peak)"
     sps = batch * steps / dt
     print(f"{name:<40} batch {batch:>3}  {sps:8.1f} samples/s  {dt / steps * 1000:8.1f} ms/step  peak {mem}")
-    del model, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return sps

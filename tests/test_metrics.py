@@ -1,7 +1,5 @@
 """Retrieval metrics: hand-computed cases, and the chunked code against a plain full sort."""
 
-import math
-import warnings
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ writers), image helpers, prompt templates pinned to the released wording."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

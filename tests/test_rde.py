@@ -1,5 +1,4 @@
 """RDE on a tiny random CLIP: embeddings, the TSE pooling fix, losses, and checkpoint layouts."""
-import os
 
 import pytest
 import torch
