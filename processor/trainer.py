@@ -79,10 +79,21 @@ def per_sample_losses(model, loader, device, amp, size: int, rank: int, world: i
     return loss_a.numpy(), loss_b.numpy()
 
 
+def ccd_loader(loaders, cfg, epoch: int) -> torch.utils.data.DataLoader:
+    """The training pairs without augmentation, in shuffled batches of ``batch_size`` (seeded by
+    epoch). Per-sample TAL depends on the other pairs of the batch: in dataset order a batch holds
+    one or two identities and has almost no negatives, so CCD uses mixed batches as training does."""
+    dataset = loaders.train_eval.dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=order.tolist(),
+                                       num_workers=loaders.train_eval.num_workers)
+
+
 def ccd_weights(cfg, model, loaders, device, amp, epoch, rank, world, run_dir, logger, progress):
     """CCD: GMM split of each view's losses, consensus of the two -> per-pair 0/1 weights."""
     size = len(loaders.train_eval.dataset)
-    la, lb = per_sample_losses(model, loaders.train_eval, device, amp, size, rank, world, progress)
+    la, lb = per_sample_losses(model, ccd_loader(loaders, cfg, epoch), device, amp, size, rank, world,
+                               progress)
     params = gmm_params(cfg.noisy_rate, cfg.dataset_name)
     clean_a = split_clean(la, seed=cfg.seed, **params)
     clean_b = split_clean(lb, seed=cfg.seed, **params)
