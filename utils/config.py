@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "resume": False,             # continue from <run>/last.pth when it exists
     "log_period": 100,
     "eval_period": 1,
+    "distributed": False,        # set by train.py when started by torchrun (WORLD_SIZE > 1)
     "save_eval": True,           # write eval/<dataset>/ for the best epoch (THI reads it)
     # data
     "dataset_name": "CUHK-PEDES",
