@@ -80,35 +80,83 @@ class RDE(nn.Module):
             return {"tau": self.tau, "margin": self.margin}
         return {"logit_scale": self.logit_scale}
 
-    def reduce(self, per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """CCD-weighted total as the release: a sum for TAL/TRL, a weighted mean otherwise."""
-        total = (weights * per_sample).sum()
-        if self.loss_name in ("TAL", "TRL"):
-            return total
-        return total / weights.sum().clamp(min=1.0)
-
     def forward(self, batch: dict, weights: torch.Tensor | None = None,
                 aug_gamma: float | None = None) -> dict:
         """Training losses: ``bge_loss``, ``tse_loss`` and, with RDA captions, the ``*_aug_loss`` terms
-        already multiplied by ``aug_gamma``."""
+        already multiplied by ``aug_gamma``.
+
+        Under DDP the embeddings of all ranks are gathered (with gradients), so every pair is scored
+        against the whole global batch exactly as on one GPU; each rank reduces its own pairs and the
+        result is scaled so that DDP's gradient averaging gives the single-process gradient.
+        """
         images, ids, pids = batch["images"], batch["caption_ids"], batch["pids"]
         if weights is None:
             weights = torch.ones(ids.shape[0], device=ids.device)
         weights = weights.to(ids.device, torch.float32)
         i_bge, i_tse = self.image_embeddings(images)
         t_bge, t_tse = self.text_embeddings(ids)
-        kw = self._loss_kwargs()
-        out = {
-            "bge_loss": self.reduce(objectives.compute_loss(self.loss_name, self._scores(i_bge, t_bge), pids, **kw), weights),
-            "tse_loss": self.reduce(objectives.compute_loss(self.loss_name, self._scores(i_tse, t_tse), pids, **kw), weights),
-        }
+        views = {"bge_loss": (i_bge, t_bge), "tse_loss": (i_tse, t_tse)}
         if aug_gamma is not None and "aug_caption_ids" in batch:
             a_bge, a_tse = self.text_embeddings(batch["aug_caption_ids"])
-            out["bge_aug_loss"] = aug_gamma * self.reduce(
-                objectives.compute_loss(self.loss_name, self._scores(i_bge, a_bge), pids, **kw), weights)
-            out["tse_aug_loss"] = aug_gamma * self.reduce(
-                objectives.compute_loss(self.loss_name, self._scores(i_tse, a_tse), pids, **kw), weights)
+            views.update({"bge_aug_loss": (i_bge, a_bge), "tse_aug_loss": (i_tse, a_tse)})
+        gather = _CrossRank(ids.shape[0], ids.device)
+        pids_all, weights_all = gather.plain(pids), gather.plain(weights)
+        kw = self._loss_kwargs()
+        out = {}
+        for name, (img, txt) in views.items():
+            per = objectives.compute_loss(self.loss_name, self._scores(gather(img), gather(txt)), pids_all, **kw)
+            loss = self.reduce_local(per[gather.local], weights, weights_all) * gather.world
+            out[name] = loss * aug_gamma if "aug" in name else loss
         return out
+
+    def reduce_local(self, per_local: torch.Tensor, w_local: torch.Tensor, w_all: torch.Tensor) -> torch.Tensor:
+        """This rank's share of :meth:`reduce` over the global batch (the shares sum to it)."""
+        total = (w_local * per_local).sum()
+        if self.loss_name in ("TAL", "TRL"):
+            return total
+        return total / w_all.sum().clamp(min=1.0)
+
+
+class _CrossRank:
+    """Gathers per-rank batches (of possibly different sizes) into the global batch; the identity
+    in a single process."""
+
+    def __init__(self, n: int, device: torch.device):
+        import torch.distributed as dist
+
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if self.world == 1:
+            self.local = slice(0, n)
+            return
+        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(self.world)]
+        dist.all_gather(sizes, torch.tensor([n], device=device))
+        self.sizes = [int(x) for x in sizes]
+        start = sum(self.sizes[:dist.get_rank()])
+        self.local = slice(start, start + n)
+        self.max = max(self.sizes)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """All ranks' rows of ``x``, concatenated in rank order, gradients flowing back."""
+        if self.world == 1:
+            return x
+        from torch.distributed.nn.functional import all_gather
+
+        pad = self.max - x.shape[0]
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+        return torch.cat([part[:n] for part, n in zip(all_gather(x), self.sizes)])
+
+    def plain(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return x
+        import torch.distributed as dist
+
+        pad = self.max - x.shape[0]
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat([part[:n] for part, n in zip(parts, self.sizes)])
 
 
 def rda_gamma(epoch: int, start: float = 1.0, decay: float = 0.03, minimum: float = 0.1) -> float:

@@ -144,3 +144,47 @@ def test_ddp_two_processes_on_cpu(tiny_clip_path, synth_root, tmp_path):
     assert (run / "last.pth").is_file() and (run / "best.pth").is_file()
     ccd = np.load(run / "ccd" / "epoch_1.npz")
     assert np.isfinite(ccd["loss_bge"]).all() and (ccd["loss_bge"] > 0).all()  # every pair got a loss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["TAL", "InfoNCE"])
+def test_ddp_gradients_equal_single_process(tiny_clip_path, tmp_path, loss):
+    """Two ranks with unequal shares of one batch give the single-process gradient of the whole
+    batch: embeddings are gathered across ranks, so negatives come from the global batch."""
+    import subprocess
+    import sys
+
+    from model import build_model
+
+    g = torch.Generator().manual_seed(1)
+    n = 12
+    ids = torch.zeros(n, 77, dtype=torch.long)
+    aug = torch.zeros(n, 77, dtype=torch.long)
+    for i in range(n):
+        for row in (ids, aug):
+            k = int(torch.randint(4, 20, (1,), generator=g))
+            row[i, 0], row[i, 1:k], row[i, k] = 49406, torch.randint(1, 49000, (k - 1,), generator=g), 49407
+    batch = {"images": torch.randn(n, 3, 64, 32, generator=g), "caption_ids": ids, "aug_caption_ids": aug,
+             "pids": torch.tensor([0, 0, 1, 2, 2, 3, 4, 4, 5, 6, 7, 7]),
+             "weights": torch.tensor([1., 1, 0, 1, 1, 1, 0, 1, 1, 1, 1, 0])}
+    torch.save(batch, tmp_path / "batch.pt")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", LOSS=loss)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "tests/ddp_grad_worker.py", tiny_clip_path, str(tmp_path / "batch.pt"),
+                           str(tmp_path / "grads.pt")], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ddp = torch.load(tmp_path / "grads.pt")
+
+    torch.manual_seed(0)
+    cfg = load_config(None, [f"pretrain_choice={tiny_clip_path}", "img_size=[64, 32]", "tse_embed_dim=32",
+                             f"loss_names={loss}"])
+    model = build_model(cfg).eval()
+    losses = model(batch, weights=batch["weights"], aug_gamma=0.5)
+    sum(losses.values()).backward()
+    single = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert ddp.keys() == single.keys()
+    for name in single:
+        err = (ddp[name] - single[name]).abs().max() / single[name].abs().max().clamp(min=1e-12)
+        assert err < 1e-4, (name, float(err))
