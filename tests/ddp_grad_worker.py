@@ -17,7 +17,7 @@ from utils.config import load_config  # noqa: E402
 def main() -> None:
     clip, batch_file, out = sys.argv[1:4]
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     torch.manual_seed(0)
     cfg = load_config(None, [f"pretrain_choice={clip}", "img_size=[64, 32]", "tse_embed_dim=32",
                              "loss_names=" + os.environ.get("LOSS", "TAL")])
