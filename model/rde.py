@@ -141,21 +141,25 @@ class _CrossRank:
             return x
         from torch.distributed.nn.functional import all_gather
 
-        pad = self.max - x.shape[0]
-        if pad:
-            x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
-        return torch.cat([part[:n] for part, n in zip(all_gather(x), self.sizes)])
+        return self._unpad(all_gather(self._pad(x)))
 
     def plain(self, x: torch.Tensor) -> torch.Tensor:
+        """Like calling, for tensors that need no gradient (ids, weights)."""
         if self.world == 1:
             return x
         import torch.distributed as dist
 
-        pad = self.max - x.shape[0]
-        if pad:
-            x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+        x = self._pad(x).contiguous()
         parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x)
+        return self._unpad(parts)
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        # all_gather needs equal shapes; the last batch of an epoch may be shorter on some ranks
+        pad = self.max - x.shape[0]
+        return torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x
+
+    def _unpad(self, parts) -> torch.Tensor:
         return torch.cat([part[:n] for part, n in zip(parts, self.sizes)])
 
 
