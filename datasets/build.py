@@ -103,6 +103,9 @@ def build_dataloader(cfg: Any) -> Loaders:
     seed = int(_get(cfg, "seed", 0))
     train = dataset.train
     rda = dataset.train_rda
+    if _get(cfg, "rda", False) == "required" and rda is None:
+        raise ValueError(f"rda=required but {dataset.anno_path} has no 'diversity_captions' for the train split; "
+                         "pass the RDA annotation file as anno_file=PATH (see datasets/rda_file.py)")
     if _get(cfg, "rda", False) and rda is None:
         logger.warning("rda=True but %s has no 'diversity_captions'; training without RDA captions",
                        dataset.anno_path)

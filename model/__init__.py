@@ -16,7 +16,10 @@ from model.rde import RDE
 
 logger = logging.getLogger("ICL.model")
 
-__all__ = ["RDE", "build_model", "load_checkpoint", "load_run", "read_state_dict"]
+__all__ = ["RDE", "build_model", "load_checkpoint", "load_init_checkpoint", "load_run", "read_state_dict"]
+
+TEXT_POS_KEY = "base_model.positional_embedding"
+INIT_TEXT_POS = ("interpolate", "skip")
 
 
 def _rde(cfg, base) -> RDE:
@@ -33,7 +36,7 @@ def build_model(cfg) -> RDE:
                      text_length=cfg.text_length)
     model = _rde(cfg, base)
     if cfg.get("init_checkpoint"):
-        load_checkpoint(model, cfg.init_checkpoint)
+        load_init_checkpoint(model, cfg.init_checkpoint, text_pos=cfg.get("init_text_pos", "interpolate"))
     return model
 
 
@@ -86,6 +89,56 @@ def load_checkpoint(model: RDE, path: str | os.PathLike, strict_backbone: bool =
     if not has_tse:
         logger.info(f"{path}: no TSE layers; retrieval uses the global (BGE) similarity only")
     return {"missing": missing_base, "unexpected": unexpected, "tse": has_tse}
+
+
+def load_init_checkpoint(model: RDE, path: str | os.PathLike, text_pos: str = "interpolate") -> dict:
+    """Start training from a TIReID checkpoint (``+pre`` in the ICL release), non-strictly.
+
+    Reads ``{'model': sd}`` with or without DDP ``module.`` prefixes. Every key the model has with
+    the same shape is loaded. A text position table of another length (a 77-token checkpoint
+    into UFine6926's 168-token model) is linearly interpolated (``text_pos="interpolate"``) or
+    left as the model built it from CLIP (``"skip"``, the release). Any other shape mismatch is
+    an error naming the keys. Returns and logs ``{"loaded", "interpolated", "skipped", "missing",
+    "unexpected"}`` (key lists); ``missing``: model keys the checkpoint lacks (kept as built).
+    """
+    from model.clip import resize_text_pos_embed
+
+    if text_pos not in INIT_TEXT_POS:
+        raise ValueError(f"init_text_pos={text_pos!r}: choose one of {', '.join(INIT_TEXT_POS)}")
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    report: dict[str, list[str]] = {"loaded": [], "interpolated": [], "skipped": [], "missing": [],
+                                    "unexpected": sorted(k for k in sd if k not in own)}
+    load = {}
+    bad = []
+    for key, value in sd.items():
+        if key not in own:
+            continue
+        if value.shape == own[key].shape:
+            load[key] = value
+            report["loaded"].append(key)
+        elif key == TEXT_POS_KEY and value.dim() == 2 and value.shape[1] == own[key].shape[1]:
+            if text_pos == "skip":
+                report["skipped"].append(key)
+            else:
+                load[key] = resize_text_pos_embed(value, own[key].shape[0])
+                report["interpolated"].append(key)
+        else:
+            bad.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
+    if bad:
+        raise RuntimeError(f"init_checkpoint {path}: shapes differ from the model built from the config: "
+                           f"{', '.join(bad[:5])}. Check img_size, stride_size, tse_embed_dim.")
+    if not any(k.startswith("base_model.") for k in load):
+        raise ValueError(f"init_checkpoint {path}: no 'base_model.*' weights match; is it an RDE/ICL/IRRA checkpoint?")
+    report["missing"] = sorted(k for k in own if k not in load and k not in report["skipped"])
+    model.load_state_dict(load, strict=False)
+    logger.info(f"init_checkpoint {path}: loaded {len(report['loaded'])} tensors, interpolated "
+                f"{report['interpolated'] or 'none'}, skipped {report['skipped'] or 'none'}; "
+                f"{len(report['missing'])} model tensors not in the checkpoint (kept as built)"
+                + (f" e.g. {report['missing'][:3]}" if report["missing"] else "")
+                + f", {len(report['unexpected'])} checkpoint tensors unused"
+                + (f" e.g. {report['unexpected'][:3]}" if report["unexpected"] else ""))
+    return report
 
 
 def build_from_weights(cfg, path: str | os.PathLike) -> RDE:

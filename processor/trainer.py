@@ -2,6 +2,7 @@
 evaluation, best/last checkpoints with exact resume."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -79,11 +80,32 @@ def per_sample_losses(model, loader, device, amp, size: int, rank: int, world: i
     return loss_a.numpy(), loss_b.numpy()
 
 
+TRAIN_MODES = ("train", "release_icl")
+CCD_LOSS_PASSES = ("train_loader", "eval_transform")
+# CCD's pass over the training loader draws its own augmentations, not the training pass's ones
+# (the releases iterate the loader twice per epoch, drawing afresh each time).
+CCD_EPOCH_OFFSET = 1_000_000
+
+
+def check_switches(cfg: Config) -> None:
+    """Reject unknown values of the release switches before anything is written."""
+    for key, choices in (("train_mode", TRAIN_MODES), ("ccd_loss_pass", CCD_LOSS_PASSES)):
+        if cfg.get(key) not in choices:
+            raise ValueError(f"{key}={cfg.get(key)!r}: choose one of {', '.join(choices)} (docs/DEVIATIONS.md)")
+
+
 def ccd_loader(loaders, cfg, epoch: int) -> torch.utils.data.DataLoader:
-    """The training pairs without augmentation, in shuffled batches of ``batch_size`` (seeded by
-    epoch). Per-sample TAL depends on the other pairs of the batch: in dataset order a batch holds
+    """The training pairs in shuffled batches of ``batch_size`` (seeded by epoch), for CCD.
+
+    ``ccd_loss_pass: eval_transform``: the test transform, no token masking (ours);
+    ``train_loader``: the training augmentation (image and token), fresh draws, as both releases.
+    Per-sample TAL depends on the other pairs of the batch: in dataset order a batch holds
     one or two identities and has almost no negatives, so CCD uses mixed batches as training does."""
-    dataset = loaders.train_eval.dataset
+    if cfg.ccd_loss_pass == "train_loader":
+        dataset = copy.copy(loaders.train.dataset)
+        dataset.set_epoch(CCD_EPOCH_OFFSET + epoch)
+    else:
+        dataset = loaders.train_eval.dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=order.tolist(),
                                        num_workers=loaders.train_eval.num_workers)
@@ -131,6 +153,7 @@ def train(cfg: Config, run_dir: str | None = None, *, progress: bool = True,
     ``last.pth`` exactly where it stopped. ``stop_after_epoch`` ends early (tests, debugging).
     """
     from datasets import build_dataloader  # here: datasets/ knows nothing of the model
+    from datasets.rda_file import require_rda_file
 
     device = resolve_device(cfg.device)
     rank, world = D.init_distributed(device)
@@ -139,6 +162,11 @@ def train(cfg: Config, run_dir: str | None = None, *, progress: bool = True,
         torch.cuda.set_device(device)
     cfg.distributed = world > 1
     amp = resolve_amp(cfg.amp, device)
+    # Checked before anything is written: an ICL config must never fall back to plain captions.
+    check_switches(cfg)
+    rda_file = require_rda_file(cfg)
+    if rda_file is not None:
+        cfg.anno_file = rda_file
     run_dir = run_dir or os.path.join(cfg.output_dir, cfg.name)
     os.makedirs(run_dir, exist_ok=True)
     logger = setup_logger("ICL", os.path.join(run_dir, "train.log"), rank)
@@ -154,7 +182,8 @@ def train(cfg: Config, run_dir: str | None = None, *, progress: bool = True,
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(f"model: {n_params / 1e6:.2f}M parameters; device {device}, amp {amp}, world size {world}")
     has_rda = bool(cfg.rda) and getattr(loaders.dataset, "train_rda", None) is not None
-    logger.info(f"RDA term: {'on' if has_rda else 'off'}")
+    logger.info(f"RDA term: {'on' if has_rda else 'off'}; train_mode {cfg.train_mode}, "
+                f"ccd_loss_pass {cfg.ccd_loss_pass}")
 
     net = model
     if world > 1:
@@ -196,7 +225,9 @@ def train(cfg: Config, run_dir: str | None = None, *, progress: bool = True,
             weights = torch.ones(len(loaders.train.dataset))
         gamma = rda_gamma(epoch, cfg.rda_gamma_start, cfg.rda_gamma_decay, cfg.rda_gamma_min) if has_rda else None
 
-        net.train()
+        # The ICL release never calls model.train() (the TSE BatchNorm layers stay in eval mode,
+        # running statistics frozen); the RDE release does.
+        net.train(cfg.train_mode == "train")
         sums: dict[str, float] = {}
         seen = 0
         bar = tqdm(loaders.train, desc=f"epoch {epoch}/{cfg.num_epoch}", disable=not (progress and rank == 0))

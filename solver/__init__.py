@@ -6,20 +6,38 @@ import math
 import torch
 
 TSE_MODULES = ("visul_emb_layer", "texual_emb_layer")
+TEXT_POS_EMBED = "base_model.positional_embedding"
+
+
+def param_lr_wd(cfg, name: str) -> tuple[float, float]:
+    """(lr, weight decay) of parameter ``name``, by the rules of the releases' ``solver/build.py``,
+    applied in their order (a later rule overrides the lr of an earlier one):
+
+    1. every parameter: ``lr``, ``weight_decay``;
+    2. biases: ``lr x bias_lr_factor``, ``weight_decay_bias``;
+    3. the randomly initialised TSE layers (weights and biases): ``emb_lr`` (the releases
+       hard-code 1e-3; the paper configs set it) or, when ``emb_lr`` is null, ``lr x lr_factor``.
+       A TSE bias keeps the bias weight decay of rule 2;
+    4. ICL only: the text position embedding gets ``lr x lr_factor`` when ``text_length`` != 77
+       (UFine6926's 168-token table is resized from CLIP's 77 rows).
+    """
+    lr, wd = cfg.lr, cfg.weight_decay
+    if "bias" in name:
+        lr, wd = cfg.lr * cfg.bias_lr_factor, cfg.weight_decay_bias
+    if any(m in name for m in TSE_MODULES):
+        lr = cfg.emb_lr if cfg.emb_lr is not None else cfg.lr * cfg.lr_factor
+    if TEXT_POS_EMBED in name and int(cfg.text_length) != 77:
+        lr = cfg.lr * cfg.lr_factor
+    return lr, wd
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """One parameter group per tensor: bias lr x ``bias_lr_factor`` (no weight decay), the
-    randomly initialised TSE layers lr x ``lr_factor`` (or ``emb_lr`` when set)."""
+    """One parameter group per trainable tensor with the lr and weight decay of `param_lr_wd`."""
     groups = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        lr, wd = cfg.lr, cfg.weight_decay
-        if "bias" in name:
-            lr, wd = cfg.lr * cfg.bias_lr_factor, cfg.weight_decay_bias
-        if any(m in name for m in TSE_MODULES):
-            lr = cfg.emb_lr if cfg.emb_lr is not None else cfg.lr * cfg.lr_factor
+        lr, wd = param_lr_wd(cfg, name)
         groups.append({"params": [p], "lr": lr, "weight_decay": wd, "name": name})
     if cfg.optimizer == "Adam":
         return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.alpha, cfg.beta), eps=cfg.adam_eps)

@@ -49,7 +49,7 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0, help="simulated backend: error seed")
     ap.add_argument("--rounds", type=int, default=5, help="K, interaction rounds (paper: 5)")
     ap.add_argument("--temperature", type=float, default=0.01)
-    ap.add_argument("--max-tokens", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=2048, help="MLLM reply limit (the release: 2048)")
     ap.add_argument("--cache-dir", help="MLLM response cache (default RUN/mllm_cache)")
     ap.add_argument("--device", default="auto", help="device for re-encoding refined queries")
     ap.add_argument("--batch-size", type=int, default=256, help="text encoding batch size")

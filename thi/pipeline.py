@@ -268,7 +268,7 @@ class _Interaction:
 def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], client,
             score_texts: Callable[[list], "np.ndarray"], *, lam: float = 0.8, xi: float = 0.5,
             rounds: int = 5, q_pids=None, g_pids=None, out_dir: Optional[str] = None,
-            temperature: float = 0.01, max_tokens: int = 512, progress: bool = True,
+            temperature: float = 0.01, max_tokens: int = 2048, progress: bool = True,
             ask: str = "needed") -> THIResult:
     """Run THI (Algorithm 1 + Eq. 6) and return the re-ranked similarity, anchors and texts.
 

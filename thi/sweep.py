@@ -47,7 +47,7 @@ def parse_grid(text: str, name: str) -> list:
 def run_sweep(similarity, captions: Sequence[str], image_paths: Sequence[str], client,
               score_texts: Callable, *, lams: Sequence[float], xis: Sequence[float],
               rounds: int = 5, q_pids=None, g_pids=None, out_dir: Optional[str] = None,
-              temperature: float = 0.01, max_tokens: int = 512,
+              temperature: float = 0.01, max_tokens: int = 2048,
               progress: bool = True) -> SweepResult:
     """Evaluate every (xi, lambda) pair; with ``out_dir`` each xi's THI run lives (resumable)
     in ``out_dir/xi<xi>_lam<first lambda>`` and the grid is saved as sweep.json / sweep.csv."""

@@ -13,7 +13,9 @@ from typing import Any, Iterable
 
 import yaml
 
-# Every key a config may set, with its default (the paper's settings for CUHK-PEDES).
+# Every key a config may set, with its default (the paper's settings for CUHK-PEDES, except the
+# release switches and emb_lr, which configs/rde_*.yaml and configs/icl_*.yaml set explicitly;
+# see docs/DEVIATIONS.md).
 DEFAULTS: dict[str, Any] = {
     # run
     "name": "RDE",
@@ -42,10 +44,13 @@ DEFAULTS: dict[str, Any] = {
     "num_workers": 4,
     "noisy_rate": 0.0,
     "noisy_file": None,          # index file of the shuffled pairs (created when missing)
-    "rda": True,                 # use RDA sub-sentences when the annotation file carries them
+    "rda": True,                 # true: RDA sub-sentences when the annotation file carries them | false |
+                                 # required: refuse to train without them (the ICL configs)
     # model
     "pretrain_choice": "pretrained/ViT-B-16.pt",   # OpenAI CLIP checkpoint
     "init_checkpoint": None,     # optional RDE/IRRA/our checkpoint to start from ("+pre" in the release)
+    "init_text_pos": "interpolate",  # init_checkpoint's text position table of another length:
+                                 # interpolate | skip (the release: keep the model's own table)
     "stride_size": 16,
     "select_ratio": 0.3,
     "tse_embed_dim": 1024,
@@ -55,6 +60,10 @@ DEFAULTS: dict[str, Any] = {
     "tau": 0.015,
     "margin": 0.1,
     "ccd": True,                 # consensus clean-sample division every epoch
+    "ccd_loss_pass": "eval_transform",  # CCD's per-sample losses on: eval_transform (test transform,
+                                 # no token masking) | train_loader (augmented, as both releases)
+    "train_mode": "train",       # train: model.train() every epoch (RDE release) | release_icl:
+                                 # eval mode throughout (ICL release: TSE BatchNorm running stats frozen)
     "rda_gamma_start": 1.0,      # g = max(rda_gamma_min, rda_gamma_start - rda_gamma_decay * epoch)
     "rda_gamma_decay": 0.03,
     "rda_gamma_min": 0.1,

@@ -19,8 +19,13 @@ import torch
 
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
+# IRRA/RDE/ICL's vocabulary drops CLIP's last merge ("jekyll</w>") for a mask token of the same id,
+# the token RDE's txt_aug writes; a caption that spells it out gets that id, as in the releases.
+MASK_TOKEN = "<|mask|>"
 SOT_ID = 49406
 EOT_ID = 49407
+MASK_ID = 49405
+SPECIAL_TOKENS = {SOT_TOKEN: SOT_ID, EOT_TOKEN: EOT_ID, MASK_TOKEN: MASK_ID}
 VOCAB_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
 
 # CLIP uses the first 48,894 merges of the file: 256 byte tokens + 256 end-of-word byte tokens
@@ -28,7 +33,7 @@ VOCAB_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simpl
 _NUM_MERGES = 49152 - 256 - 2
 _END_OF_WORD = "</w>"
 _PATTERN = regex.compile(
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    r"""<\|startoftext\|>|<\|mask\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE,
 )
 
@@ -83,6 +88,7 @@ class SimpleTokenizer:
         vocab = symbols + [s + _END_OF_WORD for s in symbols] + ["".join(m) for m in merges]
         vocab += [SOT_TOKEN, EOT_TOKEN]
         self.encoder: dict[str, int] = {tok: i for i, tok in enumerate(vocab)}
+        self.encoder[MASK_TOKEN] = MASK_ID  # shares its id with the last merge (see MASK_TOKEN)
         self.decoder: dict[int, str] = {i: tok for tok, i in self.encoder.items()}
         self.merge_ranks: dict[tuple[str, str], int] = {m: i for i, m in enumerate(merges)}
         assert self.encoder[SOT_TOKEN] == SOT_ID and self.encoder[EOT_TOKEN] == EOT_ID
@@ -91,11 +97,11 @@ class SimpleTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self.encoder)
+        return len(self.decoder)  # 49,408 ids (the mask token shares one)
 
     def _bpe(self, word: str) -> tuple[str, ...]:
         """Merge the characters of one pre-token (already byte-mapped) into vocabulary symbols."""
-        if word in (SOT_TOKEN, EOT_TOKEN):
+        if word in SPECIAL_TOKENS:
             return (word,)
         parts = list(word[:-1]) + [word[-1] + _END_OF_WORD]
         while len(parts) > 1:
