@@ -2,7 +2,7 @@
 
     python test.py runs/RDE_cuhk                          # on the run's own dataset
     python test.py runs/RDE_cuhk --dataset ICFG-PEDES     # cross-domain target
-    python test.py runs/rde_release --weights best.pth --config configs/cuhk_pedes.yaml
+    python test.py runs/rde_release --weights best.pth --config configs/rde_cuhk_pedes.yaml
         # a checkpoint of the RDE or IRRA release (or any {'model': state_dict}) becomes a run dir
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Train RDE / ICL (RDE + RDA) on one benchmark.
 
-    python train.py --config configs/cuhk_pedes.yaml root_dir=data batch_size=64
-    torchrun --nproc_per_node 2 train.py --config configs/cuhk_pedes.yaml     # two GPUs
+    python train.py --config configs/icl_cuhk_pedes.yaml root_dir=data anno_file=data/CUHK-PEDES/reid_raw.rda.json
+    torchrun --nproc_per_node 2 train.py --config configs/rde_cuhk_pedes.yaml  # RDE, two GPUs
 """
 from __future__ import annotations
 

@@ -34,9 +34,9 @@ def test_saved_config_round_trip(tmp_path):
 
 
 def test_paper_configs_resolve():
-    ufine = load_config("configs/ufine6926.yaml")
-    assert ufine.text_length == 168 and ufine.lr == pytest.approx(5e-5)
-    cuhk = load_config("configs/cuhk_pedes.yaml")
+    ufine = load_config("configs/icl_ufine6926.yaml")
+    assert ufine.text_length == 168 and ufine.lr == pytest.approx(1e-5)  # 5e-5 only for the text positions
+    cuhk = load_config("configs/rde_cuhk_pedes.yaml")
     assert (cuhk.batch_size, cuhk.num_epoch, cuhk.tau, cuhk.margin, cuhk.select_ratio) == (64, 60, 0.015, 0.1, 0.3)
     assert cuhk.optimizer == "Adam" and cuhk.weight_decay == pytest.approx(4e-5)
 
