@@ -216,3 +216,29 @@ def test_train_mode_updates_batchnorm_statistics_or_not(tiny_clip_path, micro_ro
     with pytest.raises(ValueError, match="train_mode"):
         train(_synth_cfg(tiny_clip_path, micro_root, tmp_path / "x", train_mode="eval"), progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_thi_generates_up_to_the_release_limit():
+    """The release's vLLM max_tokens (2048): a 15-answer VQA reply can exceed 512 tokens."""
+    import inspect
+
+    from thi.cli import build_parsers
+    from thi.pipeline import run_thi
+    from thi.sweep import run_sweep
+
+    for parser in build_parsers():
+        assert parser.get_default("max_tokens") == 2048, parser.prog
+    for fn in (run_thi, run_sweep):
+        assert inspect.signature(fn).parameters["max_tokens"].default == 2048, fn.__name__
+
+
+def test_special_tokens_written_in_a_caption_are_one_token_each():
+    """As the releases' utils/simple_tokenizer.py: <|startoftext|>, <|endoftext|> and RDE/IRRA's
+    <|mask|> (id 49405, which replaces CLIP's last merge) are matched before BPE."""
+    from utils.tokenizer import SimpleTokenizer, tokenize
+
+    tok = SimpleTokenizer()
+    assert tok.encode("a <|mask|> coat<|endoftext|>") == [320, 49405, 7356, 49407]
+    assert tok.encode("<|StartOfText|>man") == [49406, 786]
+    assert tokenize("<|mask|>")[:3].tolist() == [49406, 49405, 49407]
+    assert tok.decode([49405]) == "<|mask|>" and tok.vocab_size == 49408
