@@ -27,8 +27,8 @@ def how_to_get(dataset_name: str, root: str | os.PathLike, path: Path) -> str:
     return (f"Get it one of two ways: (1) the authors' released RDA json for {dataset_name} (RDA_data.zip in "
             f"github.com/QinYang79/ICL), passed as anno_file=PATH; (2) generate it with `python -m rda "
             f"generate --dataset {dataset_name} --root {root} --backend vllm --model <Qwen2-VL-7B-Instruct dir> "
-            f"--out {path}` (docs/RDA_SFT.md). To train RDE without RDA use the configs/rde_*.yaml config "
-            "(or rda=false).")
+            f"--out {path}` (docs/RDA_SFT.md). To train RDE without RDA: `bash run_rde.sh ROOT DATASET GPUS rde` "
+            "(configs/rde_*.yaml).")
 
 
 def require_rda_file(cfg: Any) -> str | None:
