@@ -59,7 +59,8 @@ def test_generate_one_call_for_all_misses_in_order_with_dedupe():
     c = Echo()
     assert c.generate(reqs("a", "b", "a", "c")) == ["A", "B", "A", "C"]
     assert c.seen == [["a", "b", "c"]]  # one backend call, duplicates asked once
-    assert c.stats == {"calls": 1, "requests": 4, "cache_hits": 0, "cache_misses": 4}
+    assert c.stats == {"calls": 1, "requests": 4, "cache_hits": 0, "cache_misses": 4,
+                       "unusable": 0}
     assert c.generate([]) == [] and c.stats["calls"] == 1
 
 

@@ -223,7 +223,7 @@ def test_filters():
                          "Yes", "She carries a black bag"], counts, min_words=3)
     assert kept == ["The man wears a red coat.", "She carries a black bag."]
     assert counts.as_dict() == {"kept": 2, "empty": 1, "duplicate": 1, "not_visible": 2,
-                                "too_short": 1}
+                                "too_short": 1, "gibberish": 0}
     assert clean_pieces(["A red coat.", "a red  coat"], FilterCounts(), exclude=("A red coat",)) == []
 
 

@@ -306,13 +306,17 @@ class Recording:
     def stats(self):
         return self.client.stats
 
-    def generate(self, requests, temperature=0.01, max_tokens=512):
+    def identity_info(self):
+        return self.client.identity_info()
+
+    def generate(self, requests, temperature=0.01, max_tokens=512, **kw):
         if self.fail_after is not None and self.batches >= self.fail_after:
             raise KeyboardInterrupt("simulated kill")
         self.batches += 1
         self.requests += [(r.text, os.fspath(r.image) if r.image is not None else None)
                           for r in requests]
-        return self.client.generate(requests, temperature=temperature, max_tokens=max_tokens)
+        return self.client.generate(requests, temperature=temperature, max_tokens=max_tokens,
+                                    **kw)
 
 
 @pytest.fixture(scope="module")
