@@ -76,6 +76,7 @@ class OpenAIClient(BaseClient):
         self.extra_body = dict(extra_body or {})
         self.stats["retries"] = 0
         self._server_info: "dict | None" = None
+        self._listed: "list[str] | None" = None
         # The SDK's own retries are off: ours cover the same errors and are counted in stats.
         self._client = openai.OpenAI(base_url=self.base_url,
                                      api_key=os.environ.get(api_key_env) or "EMPTY",
@@ -118,11 +119,16 @@ class OpenAIClient(BaseClient):
             raise MLLMError(f"{self.describe()}: GET /models returned something that is not "
                             f"an OpenAI model list ({type(exc).__name__}: {exc})") from exc
         by_id = {getattr(e, "id", None): e for e in entries}
+        self._listed = sorted(str(k) for k in by_id if k)
         if self.model not in by_id:
-            served = ", ".join(sorted(str(k) for k in by_id if k)) or "none"
-            raise MLLMError(f"{self.describe()}: the server does not serve {self.model!r} "
-                            f"(its /models lists: {served}); pass one of those names to "
-                            f"--served-model")
+            # Some servers (transformers serve) answer for names they do not list; if this one
+            # does not, the chat request fails with a 404 that lists the served names.
+            log.warning("%s: the server's /models does not list %r (it lists: %s)",
+                        self.describe(), self.model, ", ".join(self._listed) or "nothing")
+            info = {"server_model": "unlisted"}
+            if os.path.isdir(self.model):  # transformers serve takes a local folder as name
+                info["model_digest"] = folder_digest(self.model)
+            return info
         entry = by_id[self.model]
         info = {"server_model": {"id": self.model, "root": _field(entry, "root"),
                                  "parent": _field(entry, "parent")}}
@@ -166,8 +172,12 @@ class OpenAIClient(BaseClient):
                 f"{self.model}=ADAPTER_DIR --port 8000` (docs/THI.md); then pass "
                 f"--base-url http://127.0.0.1:8000/v1 --served-model {self.model}")
         if isinstance(exc, o.APIStatusError):
-            hint = (f"; is model {self.model!r} served there? (--served-model)"
-                    if exc.status_code == 404 else "")
+            hint = ""
+            if exc.status_code == 404:
+                listed = (f" (its /models lists: {', '.join(self._listed) or 'nothing'})"
+                          if self._listed is not None else "")
+                hint = (f"; is model {self.model!r} served there{listed}? Pass a served name "
+                        f"to --served-model")
             return MLLMError(f"{where} answered HTTP {exc.status_code} after {attempts} "
                              f"attempts: {exc.message}{hint}")
         return MLLMError(f"request to {where} failed: {exc!r}")
