@@ -360,3 +360,25 @@ def test_local_backends_identity_holds_content_digests(tmp_path, backend, adapte
     assert retrained.identity_info()["adapter_digest"] != info["adapter_digest"]
     assert retrained.cache_key(Request("q"), 0.01, 8) != first.cache_key(Request("q"), 0.01, 8)
     assert build_client(backend, **{**kw, "dtype": "bfloat16"}).identity() != first.identity()
+
+
+def test_backend_errors_name_the_engine():
+    """Every error out of generate() says which backend/model failed (issue 19, case 6)."""
+    class Broken(Echo):
+        def describe(self):
+            return "vLLM offline engine on /models/tiny"
+
+        def _generate(self, requests, temperature, max_tokens):
+            raise RuntimeError("CUDA error: device-side assert")
+
+    with pytest.raises(MLLMError, match=r"^vLLM offline engine on /models/tiny failed: "
+                                        r"RuntimeError: CUDA error") as info:
+        Broken().generate(reqs("a"))
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+    class Vague(Broken):
+        def _generate(self, requests, temperature, max_tokens):
+            raise MLLMError("out of memory", partial={})
+
+    with pytest.raises(MLLMError, match=r"^vLLM offline engine on /models/tiny: out of memory"):
+        Vague().generate(reqs("a"))

@@ -208,7 +208,13 @@ class BaseClient:
                 # Keep what did arrive, so a re-run asks only for the rest.
                 self._store({chunk_keys[j]: a for j, a in exc.partial.items()
                              if 0 <= j < len(chunk) and isinstance(a, str)}, ok)
+                if self.describe() in str(exc):
+                    raise
+                raise MLLMError(f"{self.describe()}: {exc}", partial=exc.partial) from exc
+            except NotImplementedError:
                 raise
+            except Exception as exc:  # say which engine/server failed; the cause stays chained
+                raise MLLMError(f"{self.describe()} failed: {type(exc).__name__}: {exc}") from exc
             finally:
                 self._stream = None
             if len(outs) != len(chunk) or not all(isinstance(o, str) for o in outs):
