@@ -111,6 +111,10 @@ class TransformersClient(BaseClient):
                 "dtype": self.dtype}
         return dict(self._identity)
 
+    def identity(self) -> str:
+        from .identity import piped
+        return piped(self.identity_info())
+
     def describe(self) -> str:
         adapter = f" + adapter {self.adapter_dir}" if self.adapter_dir is not None else ""
         return f"transformers backend on {self.model_dir}{adapter}"

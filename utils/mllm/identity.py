@@ -73,6 +73,12 @@ def canonical(info: dict) -> str:
     return json.dumps(info, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
+def piped(info: dict) -> str:
+    """``backend|key=value|...``: a readable one-line identity of a local backend."""
+    return "|".join([str(info.get("backend"))] + [f"{k}={v}" for k, v in info.items()
+                                                  if k != "backend"])
+
+
 def label(*parts: "str | None") -> str:
     """A folder name from parts such as backend, model and adapter names: the non-empty parts
     joined by ``-``, characters other than letters, digits, ``.``, ``_`` and ``+`` replaced."""

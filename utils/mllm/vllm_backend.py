@@ -117,6 +117,10 @@ class VLLMClient(BaseClient):
                 "dtype": self.dtype}
         return dict(self._identity)
 
+    def identity(self) -> str:
+        from .identity import piped
+        return piped(self.identity_info())
+
     def describe(self) -> str:
         lora = f" + LoRA {self.lora_dir}" if self.lora_dir is not None else ""
         return f"vLLM offline engine on {self.model_dir}{lora}"
