@@ -510,7 +510,6 @@ def test_state_of_other_settings_is_refused(synth, tmp_path):
 # ------------------------------------------- identity, unusable answers, kills (issues 17, 19)
 KILL_SCRIPT = r'''
 import json, os, signal, sys
-from datasets import build_dataset
 from thi import run_thi
 from thi.synthetic import AttributeSimilarity
 from utils.mllm.simulated import SimulatedClient
@@ -534,11 +533,11 @@ class Logged(SimulatedClient):
         return answers
 
 
-test = build_dataset("SynthPEDES", os.path.dirname(data_dir)).test
-score = AttributeSimilarity(data_dir, test["img_paths"], scale=0.45, noise=0.1)
-run_thi(score(test["captions"]), test["captions"], test["img_paths"],
-        Logged(data_dir, cache_dir=cache), score, q_pids=test["caption_pids"],
-        g_pids=test["image_pids"], out_dir=out, progress=False)
+with open(os.path.join(os.path.dirname(log_path), "queries.json")) as f:
+    captions, img_paths = json.load(f)  # the test split (no torch import: a fast start)
+score = AttributeSimilarity(data_dir, img_paths, scale=0.45, noise=0.1)
+run_thi(score(captions), captions, img_paths, Logged(data_dir, cache_dir=cache), score,
+        rounds=2, out_dir=out, progress=False)
 '''
 
 
@@ -555,6 +554,8 @@ def test_kill_9_mid_stage_loses_at_most_one_micro_batch(synth, tmp_path):
     out, cache = tmp_path / "thi", tmp_path / "cache"
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT)
+    (tmp_path / "queries.json").write_text(json.dumps([synth["test"]["captions"],
+                                                       synth["test"]["img_paths"]]))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": repo}
 
@@ -575,7 +576,7 @@ def test_kill_9_mid_stage_loses_at_most_one_micro_batch(synth, tmp_path):
     assert len(re_asked) <= micro, f"{len(re_asked)} answers re-asked after the kill"
     assert re_asked == set(answered[micro:])  # exactly the micro-batch that died unreturned
     np.testing.assert_array_equal(np.load(out / "final_similarity.npy"),
-                                  _run(synth, _client(synth)).similarity)
+                                  _run(synth, _client(synth), rounds=2).similarity)
 
 
 class _OtherModel:

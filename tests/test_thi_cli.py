@@ -192,3 +192,21 @@ def test_empty_query_in_eval_folder_names_the_file(run_dir, tmp_path):
     with pytest.raises(ValueError, match=r"captions\.json: 1 empty queries \(first: #5\).*"
                                          r"python test\.py"):
         load_eval_dir(str(run), "SynthPEDES", None)
+
+
+def test_run_vllm_icl_script_writes_the_backends_own_folder(run_dir, synth_root):
+    """Before: run_vllm_ICL.sh wrote every backend to RUN/thi/TARGET."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(["bash", "run_vllm_ICL.sh", "--source", "SynthPEDES", "--run", run_dir,
+                           "--root", synth_root, "--simulated", "--", "--rounds", "3",
+                           "--device", "cpu", "--no-progress"], cwd=repo,
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = os.path.join(run_dir, "thi", "SynthPEDES", "simulated")
+    assert f"THI results in {out}" in proc.stdout
+    assert os.path.isfile(os.path.join(out, "final_similarity.npy"))
+    assert not os.path.exists(os.path.join(run_dir, "thi", "SynthPEDES", "state.json"))
