@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.weights:
         from utils.config import load_config, save_config
+        trained = [f for f in ("last.pth", "metrics.json") if os.path.exists(os.path.join(args.run_dir, f))]
+        if trained:  # config.yaml and best.pth of a training run would be overwritten
+            ap.error(f"{args.run_dir} holds a run trained by train.py ({', '.join(trained)}); --weights would "
+                     "overwrite its config.yaml and best.pth. Pass a new folder for the external checkpoint")
         cfg = load_config(args.config, args.overrides)
         os.makedirs(args.run_dir, exist_ok=True)
         save_config(cfg, os.path.join(args.run_dir, "config.yaml"))

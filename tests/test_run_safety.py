@@ -110,6 +110,7 @@ def _scalars(tb_dir: str, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_cleans_temp_files_and_keeps_one_tensorboard_stream(run_copy):
     from torch.utils.tensorboard import SummaryWriter
 
@@ -309,14 +310,19 @@ def test_disk_full_names_the_file_and_the_space_needed(tmp_path, full_disk):
 
 
 # ---------------------------------------------------------------- 7. test.py on a folder that is not a run
-def test_test_py_on_a_folder_that_is_not_a_run_writes_nothing(tmp_path, capsys):
+def _test_cli():
     import importlib.util
 
     # By path: "import test" could find the standard library's test package.
     spec = importlib.util.spec_from_file_location("icl_test_cli", os.path.join(os.path.dirname(
         os.path.dirname(os.path.abspath(__file__))), "test.py"))
-    test_cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(test_cli)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_test_py_on_a_folder_that_is_not_a_run_writes_nothing(tmp_path, capsys):
+    test_cli = _test_cli()
 
     folder = tmp_path / "not_a_run"
     folder.mkdir()
@@ -327,3 +333,17 @@ def test_test_py_on_a_folder_that_is_not_a_run_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "config.yaml" in err and "best.pth" in err and "not a run directory" in err, err
     assert sorted(os.listdir(folder)) == ["notes.txt"]
+
+
+def test_test_py_weights_never_overwrite_a_trained_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, data in {"config.yaml": b"lr: 0.1\n", "best.pth": b"trained", "last.pth": b"trained"}.items():
+        (run / name).write_bytes(data)
+    external = tmp_path / "release.pth"
+    external.write_bytes(b"release")
+    before = snapshot(run)
+    with pytest.raises(SystemExit):
+        _test_cli().main([str(run), "--weights", str(external), "--config", "configs/cuhk_pedes.yaml"])
+    assert "would overwrite" in capsys.readouterr().err
+    assert snapshot(run) == before
