@@ -90,9 +90,11 @@ def check_train_target(cfg: Any, run_dir: str | os.PathLike) -> list[str]:
             f"them. Continue it with resume=true, or train a new run with another name "
             f"(name=NEW_NAME, or --run-dir NEW_FOLDER)")
     saved_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(os.path.join(run_dir, "last.pth")):
-        return [f"resume=true but {run_dir} has no last.pth: training starts from epoch 1"]
+    has_last = os.path.isfile(os.path.join(run_dir, "last.pth"))
+    notes = [] if has_last else [f"resume=true but {run_dir} has no last.pth: training starts from epoch 1"]
     if not os.path.isfile(saved_path):
+        if not has_last:
+            return notes
         raise RunDirError(f"{run_dir} has last.pth but no config.yaml, so a resume cannot be checked "
                           "against the run's settings; restore config.yaml or train a new run (name=NEW_NAME)")
     with open(saved_path, encoding="utf-8") as f:
@@ -108,12 +110,14 @@ def check_train_target(cfg: Any, run_dir: str | os.PathLike) -> list[str]:
             fixes.append(f"to change {', '.join(opt)} on purpose add resume_change=[{','.join(opt)}]")
         other = sorted(k for k in refused if k not in RESUME_OPT_IN)
         if other:
-            fixes.append(f"{', '.join(other)} change(s) the model the run continues: drop the override(s) "
-                         f"to resume as saved, or start a new run (name=NEW_NAME, optionally "
-                         f"init_checkpoint={os.path.join(run_dir, 'best.pth')})")
+            fixes.append(f"{', '.join(other)} shape(s) the model the run continues: to change it, start a "
+                         f"new run (name=NEW_NAME, optionally init_checkpoint={os.path.join(run_dir, 'best.pth')})")
+        as_saved = " ".join(f"{k}={yaml.safe_dump(old, default_flow_style=True).strip().removesuffix('...').strip()}"
+                            for k, (old, _) in refused.items())
+        fixes.insert(0, f"to resume as saved use {as_saved}")
         raise RunDirError(f"resume=true: settings differ from {saved_path}:\n{lines}\n" + "; ".join(fixes))
-    return [f"resume: {k} changed from {old!r} to {new!r}" for k, (old, new) in diff.items()
-            if k not in ("resume", "resume_change", "distributed")]
+    return notes + [f"resume: {k} changed from {old!r} to {new!r}" for k, (old, new) in diff.items()
+                    if k not in ("resume", "resume_change", "distributed")]
 
 
 def clean_temp_files(run_dir: str | os.PathLike, subdirs: Iterable[str] = _TRAIN_SUBDIRS) -> list[str]:
