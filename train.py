@@ -18,11 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     ap.add_argument("overrides", nargs="*", help="key=value settings that override the config")
     args = ap.parse_intermixed_args(argv)  # flags and key=value overrides in any order
-    from utils.config import ConfigError
     from utils.run_dir import RunDirError
     try:
         cfg = load_config(args.config, args.overrides)  # types checked here, before anything is written
-    except (ConfigError, KeyError, FileNotFoundError) as err:
+    except (ValueError, KeyError, FileNotFoundError) as err:  # ConfigError is a ValueError
         ap.error(str(err).strip('"'))
     from processor.trainer import train
     try:
