@@ -120,8 +120,9 @@ def main(argv: Optional[list] = None) -> int:
             summary.append((name, None, dt))
             print(f"[repro] {name}: done in {dt:.0f} s -> {out}/{name}.md")
     if args.dry_run:
-        unit = world.time_unit
-        print(f"\nexpected {unit} time per table (jobs not done yet; a job shared by two tables "
+        unit = (f"wall-clock time on {world.gpus} GPU(s)" if world.name == "real"
+                else "CPU time (2 cores)")
+        print(f"\nexpected {unit} per table (jobs not done yet; a job shared by two tables "
               f"is counted at the first):")
         for name, n, secs in summary:
             print(f"  {name:10s} {n:3d} jobs  {_fmt(secs)}")

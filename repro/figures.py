@@ -37,9 +37,9 @@ def _icl(world: World, ds: str):
 
 
 def _start(name, world, runner, jobs):
-    runner.log(f"[repro] {name}: {len(jobs)} jobs, expected {world.time_unit} time of the missing "
-               f"ones: {total(jobs) / 3600:.2f} h")
-    runner.run(jobs)
+    runner.log(f"[repro] {name}: {len(jobs)} jobs")
+    new = runner.run(jobs)
+    runner.last_new = new
     return runner.dry_run
 
 
@@ -54,7 +54,7 @@ def fig3(world: World, runner: Runner, out_dir: str) -> dict:
         plans.append((ds, erun, tname))
         jobs += j
     if _start("fig3", world, runner, jobs):
-        return {"name": "fig3", "jobs": len(jobs), "seconds": total(jobs)}
+        return {"name": "fig3", "jobs": len(runner.last_new), "seconds": total(runner.last_new)}
     plt = _plt()
     fig, axes = plt.subplots(1, max(len(plans), 1), figsize=(4.6 * max(len(plans), 1), 3.6), squeeze=False)
     rows = []
@@ -112,7 +112,7 @@ def fig5(world: World, runner: Runner, out_dir: str) -> dict:
     sweep_dir, sj = world.sweep(erun, tname, ds)
     jobs = jobs + sj
     if _start("fig5", world, runner, jobs):
-        return {"name": "fig5", "jobs": len(jobs), "seconds": total(jobs)}
+        return {"name": "fig5", "jobs": len(runner.last_new), "seconds": total(runner.last_new)}
     data = results.sweep_grid(sweep_dir)
     lams, xis = data["lams"], data["xis"]
     grid = {(p["xi"], p["lam"]): p for p in data["points"]}
@@ -161,7 +161,7 @@ def fig6(world: World, runner: Runner, out_dir: str) -> dict:
         plans.append((ds, out))
         jobs += j + tj
     if _start("fig6", world, runner, jobs):
-        return {"name": "fig6", "jobs": len(jobs), "seconds": total(jobs)}
+        return {"name": "fig6", "jobs": len(runner.last_new), "seconds": total(runner.last_new)}
     plt = _plt()
     fig, axes = plt.subplots(1, max(len(plans), 1), figsize=(4.4 * max(len(plans), 1), 3.4), squeeze=False)
     rows, payload = [], {}
@@ -208,7 +208,7 @@ def fig7(world: World, runner: Runner, out_dir: str, queries: int = 4) -> dict:
     out, tj = world.thi(erun, tname, ds)
     jobs = jobs + tj
     if _start("fig7", world, runner, jobs):
-        return {"name": "fig7", "jobs": len(jobs), "seconds": total(jobs)}
+        return {"name": "fig7", "jobs": len(runner.last_new), "seconds": total(runner.last_new)}
     ev = results.load_eval(erun, tname)
     after = np.load(os.path.join(out, "final_similarity.npy"))
     before = ev["similarity"]

@@ -64,11 +64,10 @@ def checkpoint(world: World, method: str, ds: str, noise: float, which: str):
 
 def _finish(name: str, title: str, plan: Plan, metrics, world: World, runner: Runner,
             out_dir: str, effects_fn: Optional[Callable] = None, notes=(), extra_cols=()) -> dict:
-    runner.log(f"[repro] {name}: {len(plan.jobs)} jobs, expected {world.time_unit} time of the "
-               f"missing ones: {total(plan.jobs) / 3600:.2f} h")
-    runner.run(plan.jobs)
+    runner.log(f"[repro] {name}: {len(plan.jobs)} jobs")
+    new = runner.run(plan.jobs)
     if runner.dry_run:
-        return {"name": name, "jobs": len(plan.jobs), "seconds": total(plan.jobs)}
+        return {"name": name, "jobs": len(new), "seconds": total(new)}
     rows = plan.rows(metrics)
     effects = effects_fn(rows) if effects_fn else []
     return report.write(out_dir, name, title, rows, metrics, effects=effects, notes=notes,
@@ -221,7 +220,7 @@ def table6(world: World, runner: Runner, out_dir: str) -> dict:
 def rde_noise(world: World, runner: Runner, out_dir: str) -> dict:
     plan = Plan()
     rates = tuple(float(r) for r in world.noise_rates)
-    sets = [d for d in world.datasets if d in COARSE]
+    sets = [d for d in world.datasets if d in COARSE and d in (world.noise_datasets or COARSE)]
     for ds in sets:
         pd = world.paper_dataset(ds)
         for rate in rates:
@@ -229,7 +228,7 @@ def rde_noise(world: World, runner: Runner, out_dir: str) -> dict:
                 pv = paper.metrics("rde_noise", M5, method="RDE", noise=f"{rate:g}", checkpoint=which, test=pd)
                 plan.add(f"RDE {which}", ds, lambda ds=ds, r=rate, w=which: checkpoint(world, "RDE", ds, r, w),
                          pv, noise=f"{rate:g}")
-                if rate > 0:
+                if rate > 0 and (not world.noccd_rates or rate in world.noccd_rates):
                     pv = (paper.metrics("rde_ablation", M5, row="#7", noise=f"{rate:g}", test=pd)
                           if which == "best" else {})
                     plan.add(f"RDE without CCD {which}", ds,

@@ -66,6 +66,8 @@ class World:
     datasets: tuple = ()
     time_unit = "GPU"
     noise_rates: tuple = (0.0, 0.2, 0.5, 0.8)  # RDE's noise table
+    noise_datasets: tuple = ()                 # the noise table's datasets (empty: all)
+    noccd_rates: tuple = ()                    # rates with an RDE-without-CCD row (empty: all > 0)
 
     def train(self, method: str, dataset: str, *, noise: float = 0.0, group: int = 1):
         raise NotImplementedError
@@ -248,6 +250,8 @@ class MiniWorld(World):
         self.nolora_error_rate = float(cfg.get("thi_nolora", {}).get("error_rate", 0.3))
         self.secs = cfg.get("cpu_seconds", {})
         self.noise_rates = tuple(sc.get("noise_rates", cfg.get("noise_rates", self.noise_rates)))
+        self.noise_datasets = tuple(cfg.get("noise_datasets") or ())
+        self.noccd_rates = tuple(float(r) for r in cfg.get("noccd_rates") or ())
 
     @classmethod
     def from_file(cls, path: str, **kw) -> "MiniWorld":
