@@ -79,7 +79,7 @@ def fig3(world: World, runner: Runner, out_dir: str) -> dict:
                      "precision_above_xi_pct": 100.0 * ok[above].mean() if above.any() else None,
                      "precision_below_xi_pct": 100.0 * ok[~above].mean() if (~above).any() else None,
                      "paper_xi": PAPER_XI.get(world.paper_dataset(ds), 0.5)})
-    fig.suptitle("Fig. 3: top-1 similarity of correct and wrong retrievals")
+    fig.suptitle("Fig. 3: top-1 similarity of correct and wrong retrievals", y=1.04)
     os.makedirs(out_dir, exist_ok=True)
     _save(fig, os.path.join(out_dir, "fig3.png"))
     plt.close(fig)
@@ -130,7 +130,7 @@ def fig5(world: World, runner: Runner, out_dir: str) -> dict:
                 ax.text(j, i, f"{z[i, j]:.1f}", ha="center", va="center", color="w", fontsize=8)
         ax.set_title(f"{metric} after THI (base {data['base'][metric]:.2f})")
         fig.colorbar(im, ax=ax)
-    fig.suptitle(f"Fig. 5: lambda x xi on {ds} (ICL ❶ + THI)")
+    fig.suptitle(f"Fig. 5: lambda x xi on {ds} (ICL ❶ + THI)", y=1.04)
     os.makedirs(out_dir, exist_ok=True)
     _save(fig, os.path.join(out_dir, "fig5.png"))
     plt.close(fig)
@@ -184,7 +184,7 @@ def fig6(world: World, runner: Runner, out_dir: str) -> dict:
         K = len(series) - 1
         rows.append(report.row("round 0 (no THI)", ds, series[0], p0, M5))
         rows.append(report.row(f"round {K}", ds, series[-1], p5 if K == 5 else {}, M5))
-    fig.suptitle("Fig. 6: metrics per THI round (round 0 = without THI)")
+    fig.suptitle("Fig. 6: metrics per THI round (round 0 = without THI)", y=1.04)
     os.makedirs(out_dir, exist_ok=True)
     _save(fig, os.path.join(out_dir, "fig6.png"))
     plt.close(fig)
