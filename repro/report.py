@@ -74,7 +74,7 @@ def write(out_dir: str, name: str, title: str, rows: Sequence[dict], metrics: Se
                   extra_cols=extra_cols)
     atomic_write_text(os.path.join(out_dir, f"{name}.md"), md)
     buf = io.StringIO()
-    w = csv.writer(buf)
+    w = csv.writer(buf, lineterminator="\n")
     w.writerow(["row", "set", *extra_cols, "metric", "ours", "paper", "difference", "status"])
     for r in rows:
         for m in metrics:

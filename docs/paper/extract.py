@@ -267,7 +267,7 @@ def rde_ablation(lines):
 
 def write(path, rows):
     with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=FIELDS, lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
     print(f"{path}: {len(rows)} numbers")
