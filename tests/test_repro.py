@@ -168,3 +168,20 @@ def test_mini_paper_ci_scale_writes_every_table_and_reuses_runs(tmp_path, capsys
     text = _main(["all", "--world", "mini", "--scale", "ci", "--runs", runs, "--out", out], capsys, monkeypatch)
     assert "[repro] cached:" in text and "[repro] train " not in text
     assert stamp == {p: os.path.getmtime(p) for p in glob.glob(os.path.join(runs, "*", "best.pth"))}
+
+
+def test_mini_config_errors_name_the_problem(tmp_path):
+    import yaml
+
+    from repro.worlds import MiniWorld
+
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "repro_mini.yaml")))
+    with pytest.raises(ValueError, match="no scale 'tiny'"):
+        MiniWorld(cfg, scale="tiny")
+    bad = {**cfg, "domains": {"Market-1501": cfg["domains"]["CUHK-PEDES"]}}
+    with pytest.raises(ValueError, match="Market-1501"):
+        MiniWorld(bad)
+    w = MiniWorld(cfg, scale="ci", runs=str(tmp_path))
+    # CI scale never touches the full-scale folders
+    assert all(d["root"].startswith(str(tmp_path)) for d in w.domains.values())
+    assert w.pretrained.startswith(str(tmp_path)) and w.rounds == 2
