@@ -10,7 +10,7 @@ import numpy as np
 
 from . import paper, report, results
 from .jobs import Runner, total
-from .tables import COARSE, M5, world_text
+from .tables import M5, world_text
 from .worlds import PAPER_XI, Unavailable, World
 
 from utils.io import atomic_write_json

@@ -2,7 +2,6 @@
 the table beside the paper's numbers. Figures are in ``figures.py``."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
