@@ -33,7 +33,8 @@ def effect(name: str, where: str, metric: str, ours_hi: Optional[dict], ours_lo:
     """An effect = a difference between two rows (e.g. ICL - RDE), ours and the paper's."""
     o = diff((ours_hi or {}).get(metric), (ours_lo or {}).get(metric))
     p = diff(paper_hi.get(metric), paper_lo.get(metric))
-    same = None if o is None or p is None else (o > 0) == (p > 0)
+    # no change (ours or the paper's) has no sign to compare
+    same = None if o is None or p is None or abs(o) < 1e-9 or abs(p) < 1e-9 else (o > 0) == (p > 0)
     return {"effect": name, "set": where, "metric": metric, "ours": o, "paper": p,
             "same_sign": same}
 

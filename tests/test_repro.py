@@ -185,3 +185,8 @@ def test_mini_config_errors_name_the_problem(tmp_path):
     # CI scale never touches the full-scale folders
     assert all(d["root"].startswith(str(tmp_path)) for d in w.domains.values())
     assert w.pretrained.startswith(str(tmp_path)) and w.rounds == 2
+
+
+def test_effect_without_change_has_no_sign():
+    e = report.effect("THI", "A", "R1", {"R1": 5.0}, {"R1": 5.0}, {"R1": 2.0}, {"R1": 1.0})
+    assert e["ours"] == 0.0 and e["same_sign"] is None
