@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 VLLM_VENV := .venv-vllm
 LF_VENV := .venv-llamafactory
 
-.PHONY: demo test test-fast venv venv-vllm venv-llamafactory bench clean-demo reproduce-mini
+.PHONY: demo test test-fast venv venv-vllm venv-llamafactory bench clean-demo
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,5 +47,6 @@ clean-demo:
 	rm -rf work
 
 # The mini paper: every table and figure of `python -m repro` on SynthPEDES, written to docs/results/
+.PHONY: reproduce-mini
 reproduce-mini: venv
 	$(PY) -m repro all --world mini --out docs/results
