@@ -57,12 +57,13 @@ def test_paper_files_are_complete_and_unique():
 
 # Reading run directories ----------------------------------------------------------------------
 def test_xi_crossover_by_hand():
-    top1 = np.array([0.6, 0.2, 0.7, 0.3, 0.8, 0.65])
-    correct = np.array([1, 0, 1, 0, 1, 0], dtype=bool)
-    # sorted: 0.2 w, 0.3 w, 0.6 c, 0.65 w, 0.7 c, 0.8 c; one error at 0.45 and at 0.675: the first
-    assert results.xi_crossover(top1, correct) == pytest.approx(0.45)
+    top1 = np.array([0.6, 0.2, 0.7, 0.3, 0.8, 0.5, 0.85])
+    correct = np.array([1, 0, 1, 0, 1, 0, 0], dtype=bool)
+    # sorted: 0.2 w, 0.3 w, 0.5 w, 0.6 c, 0.7 c, 0.8 c, 0.85 w: one misplaced query at 0.55
+    # (the wrong 0.85 above it), two or more at any other cut
+    assert results.xi_crossover(top1, correct) == pytest.approx(0.55)
     assert results.xi_crossover(np.array([0.1, 0.9]), np.array([False, True])) == pytest.approx(0.5)
-    # everything wrong: a threshold above every query (no query passes it)
+    # everything wrong: a threshold at the highest similarity (no query passes it)
     assert results.xi_crossover(np.array([0.3, 0.4]), np.array([False, False])) == pytest.approx(0.4)
 
 
