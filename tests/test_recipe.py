@@ -10,7 +10,7 @@ import torch
 from model import TEXT_POS_KEY, build_model, load_init_checkpoint
 from model.clip import resize_text_pos_embed
 from solver import build_optimizer
-from utils.config import load_config
+from utils.config import DEFAULTS, Config, load_config
 
 DATASETS = {"cuhk_pedes": "CUHK-PEDES", "icfg_pedes": "ICFG-PEDES", "rstpreid": "RSTPReid",
             "ufine6926": "UFine6926"}
@@ -146,8 +146,10 @@ def test_rda_file_found_at_the_generated_default(tmp_path):
     cfg = load_config("configs/icl_icfg_pedes.yaml", [f"root_dir={tmp_path}"])
     assert require_rda_file(cfg) == str(path)
     assert require_rda_file(load_config("configs/rde_icfg_pedes.yaml", [f"root_dir={tmp_path}"])) is None
+    with pytest.raises(ValueError, match="rda"):
+        load_config(None, ["rda=sometimes"])
     with pytest.raises(ValueError, match="rda="):
-        require_rda_file(load_config(None, ["rda=sometimes"]))
+        require_rda_file(Config({**DEFAULTS, "rda": "sometimes"}))
 
 
 # ------------------------------------------------------------------------ switches

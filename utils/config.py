@@ -141,7 +141,10 @@ ALSO_BOOL = {"amp"}
 POSITIVE = {"batch_size", "test_batch_size", "num_epoch", "eval_period", "log_period", "num_instance",
             "text_length", "stride_size", "tse_embed_dim"}
 NON_NEGATIVE = {"num_workers", "warmup_epochs", "lr", "weight_decay", "temperature"}
-CHOICES = {"sampler": ("random", "identity"), "val_dataset": ("val", "test")}
+CHOICES = {"sampler": ("random", "identity"), "val_dataset": ("val", "test"),
+           # release switches (docs/DEVIATIONS.md)
+           "train_mode": ("train", "release_icl"), "ccd_loss_pass": ("eval_transform", "train_loader"),
+           "init_text_pos": ("interpolate", "skip")}
 _TYPE_NAMES = {bool: "a boolean (true/false)", int: "an integer", float: "a number (float)", str: "a string",
                list: "a list"}
 
@@ -158,6 +161,10 @@ def _coerce(key: str, value: Any, where: str) -> Any:
 
     if key == "resume_change" and isinstance(value, str):
         value = [v for v in value.replace(",", " ").split() if v]
+    if key == "rda":  # a bool, or "required" (the ICL configs)
+        if isinstance(value, bool) or value == "required":
+            return value
+        raise fail("true, false or required")
     if value is None:
         if key in OPTIONAL_TYPES or default is None:
             return None
