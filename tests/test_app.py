@@ -201,6 +201,13 @@ def test_attribute_query_is_the_sentence_of_its_fields(api, engine):
 def test_attribute_sentences_parse_back_to_synthpedes_attributes():
     from datasets.synth_text import parse_caption
 
+    # a whole sentence keeps the person's wording; a phrase goes into the question's sentence
+    assert attributes_to_text({"held": "She holds a red cup in her hand",
+                               "bag": "a black leather backpack", "glasses": "yes",
+                               "hair": "no"}) == (
+        "The person wears glasses. She holds a red cup in her hand. The person carries a "
+        "black leather backpack.")
+
     fields = {"gender": "male", "hair": "short brown", "upper": "blue long-sleeved jacket",
               "lower": "short black shorts", "pattern": "plaid", "shoes": "red boots",
               "glasses": "black", "scarf": "no", "held": "a phone", "bag": "no", "hat": "red",

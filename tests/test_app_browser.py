@@ -33,7 +33,7 @@ def _need(what: str, ok: bool) -> None:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_clip_path, synth_root):
     """RDE on the tiny random CLIP trained from scratch on SynthPEDES (InfoNCE, the demo's
-    settings, 8 epochs) and evaluated on the test split."""
+    settings, 4 epochs) and evaluated on the test split."""
     from processor.evaluate import evaluate_run
     from processor.trainer import train
     from utils.config import load_config
@@ -41,7 +41,7 @@ def trained_run(tmp_path_factory, tiny_clip_path, synth_root):
     out = tmp_path_factory.mktemp("trained")
     cfg = load_config("configs/synthpedes_tiny.yaml",
                       [f"root_dir={synth_root}", f"output_dir={out}",
-                       f"pretrain_choice={tiny_clip_path}", "num_epoch=8", "eval_period=8",
+                       f"pretrain_choice={tiny_clip_path}", "num_epoch=4", "eval_period=4",
                        "device=cpu", "seed=0", "log_period=1000", "test_batch_size=64"])
     run = str(out / "run")
     train(cfg, run, progress=False)
@@ -112,6 +112,7 @@ def _shot(page, name):
     folder = os.environ.get("ICL_APP_SCREENSHOTS")
     if folder:
         os.makedirs(folder, exist_ok=True)
+        page.wait_for_function("Array.from(document.images).every(i => i.complete)")
         page.screenshot(path=os.path.join(folder, name), full_page=True)
 
 

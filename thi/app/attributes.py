@@ -72,7 +72,7 @@ FIELDS = (
 FIELD_KEYS = tuple(f.key for f in FIELDS)
 _NO = {"no", "none", "nothing", "nobody", "n/a", "na", "not", "without"}
 _YES = {"yes", "y", "true"}
-_SENTENCE_START = re.compile(r"^(the|this|a|an|he|she|his|her|there|they|it)\b.*\s\S+\s", re.I)
+_SENTENCE_START = re.compile(r"^(the|this|he|she|his|her|there|they|it)\s", re.I)
 MAX_ANSWER_CHARS = 200
 
 
