@@ -91,10 +91,10 @@ def step_latency(engine, steps: int) -> dict:
     """Median ms of: encoding + Eq. 6 (``refine_scores``), the page's ranking view, and the
     whole step without the MLLM (what the person waits for besides the MLLM)."""
     session = engine.search("text", text=QUERY, target_pid=7)
-    encode, view, total = [], [], []
+    encode, view, total, cpu = [], [], [], []
     for i in range(steps):
         g = int(engine.results(session)[0]["gallery_index"])
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         step = engine.feedback(session.id, "yes", g) if g not in session.anchors else None
         if step is None:  # already confirmed: set the next one aside instead
             continue
@@ -102,13 +102,22 @@ def step_latency(engine, steps: int) -> dict:
         engine.results(session)
         engine.target_rank(session)
         t2 = time.perf_counter()
+        cpu.append((time.process_time() - c0) * 1e3)
         encode.append(step["encode_rerank_seconds"] * 1e3)
         view.append((t2 - t1) * 1e3)
         total.append((t1 - t0 - step["mllm_seconds"]) * 1e3 + view[-1])
         if len(session.anchors) > 8:  # keep sessions realistic: a few confirmations each
             session = engine.search("text", text=QUERY + f" {i}", target_pid=7)
     return {"encode_eq6_ms": statistics.median(encode), "view_ms": statistics.median(view),
-            "step_ms": statistics.median(total), "steps": len(total)}
+            "step_ms": statistics.median(total), "step_cpu_ms": statistics.median(cpu),
+            "steps": len(total)}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def serve(num_g: int, port: int, kind: str) -> None:
@@ -164,16 +173,18 @@ def search_throughput(num_g: int, kind: str, clients: int, per_client: int) -> d
                         errors.append(r.status_code)
 
         threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-        t0 = time.perf_counter()
+        cpu0, t0 = _cpu_seconds(proc.pid), time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
+        server_cpu = _cpu_seconds(proc.pid) - cpu0
         if errors:
             raise RuntimeError(f"{len(errors)} searches failed: {errors[:5]}")
         latencies.sort()
         return {"requests": len(latencies), "rps": len(latencies) / wall,
+                "server_cpu_ms": server_cpu / len(latencies) * 1e3,
                 "p50_ms": latencies[len(latencies) // 2] * 1e3,
                 "p95_ms": latencies[int(len(latencies) * 0.95) - 1] * 1e3}
     finally:
@@ -200,6 +211,7 @@ def main(argv=None) -> int:
         return 0
     import torch
 
+    load = os.getloadavg()[0]
     sizes = [int(x) for x in args.galleries.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -212,13 +224,17 @@ def main(argv=None) -> int:
         row.update(search_throughput(row["gallery"], args.model, args.clients, args.requests))
     print(f"text tower: {args.model} ({'CLIP ViT-B/16 shape, random weights' if args.model == 'base' else 'tiny CLIP'}), "
           f"CPU threads {torch.get_num_threads()}, {os.cpu_count()} cores")
-    head = ("gallery", "encode+Eq.6 ms", "ranking view ms", "step ms (no MLLM)",
-            f"search req/s ({args.clients} clients)", "search p50 ms", "p95 ms")
+    print(f"load average before: {load:.1f} (wall times grow with other "
+          f"processes; CPU ms do not)")
+    head = ("gallery", "encode+Eq.6 ms", "ranking view ms", "step ms (no MLLM)", "step CPU ms",
+            f"search req/s ({args.clients} clients)", "search p50 ms", "p95 ms",
+            "server CPU ms per search")
     print(" | ".join(head))
     print(" | ".join("---" for _ in head))
     for r in rows:
         print(f"{r['gallery']:,} | {r['encode_eq6_ms']:.1f} | {r['view_ms']:.1f} | "
-              f"{r['step_ms']:.1f} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f}")
+              f"{r['step_ms']:.1f} | {r['step_cpu_ms']:.1f} | {r['rps']:.1f} | "
+              f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['server_cpu_ms']:.1f}")
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
         print(f"{b['gallery']:,} vs {a['gallery']:,} images: step x{b['step_ms'] / a['step_ms']:.2f}, "

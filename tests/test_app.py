@@ -3,7 +3,6 @@ simulated MLLM, through FastAPI's TestClient: each query kind against the run's 
 one THI step per answer against an independent Eq. 6, sessions, export and bad input."""
 from __future__ import annotations
 
-import io
 import json
 import os
 
