@@ -10,7 +10,9 @@ The gallery features are random unit vectors (BGE 512-d, TSE 1024-d as in RDE): 
 step does not depend on their values. The text encoder has CLIP ViT-B/16's text tower shape
 (width 512, 12 layers, 77 tokens) with random weights: the same compute as the real one. The
 MLLM is a stub answering instantly (its time is excluded anyway). Everything stops by itself:
-``--steps`` steps per gallery, ``--requests`` searches per client.
+``--steps`` steps per gallery, ``--requests`` searches per client. Torch runs one thread
+(``BENCH_APP_THREADS``) in the benchmark and in the server, so CPU ms stay meaningful on a
+shared machine.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+THREADS = int(os.environ.get("BENCH_APP_THREADS", "1"))  # torch threads, bench and server
 QUERY = ("The woman has long black hair and is wearing a red short-sleeved t-shirt, long blue "
          "jeans and white sneakers. She carries a black backpack.")
 VQA = "\n".join(f"{i}. The person wears a {c} item." for i, c in enumerate(
@@ -93,11 +96,10 @@ def step_latency(engine, steps: int) -> dict:
     session = engine.search("text", text=QUERY, target_pid=7)
     encode, view, total, cpu = [], [], [], []
     for i in range(steps):
-        g = int(engine.results(session)[0]["gallery_index"])
+        g = next(int(r["gallery_index"]) for r in engine.results(session)
+                 if not r["confirmed"])  # the best candidate not confirmed yet
         c0, t0 = time.process_time(), time.perf_counter()
-        step = engine.feedback(session.id, "yes", g) if g not in session.anchors else None
-        if step is None:  # already confirmed: set the next one aside instead
-            continue
+        step = engine.feedback(session.id, "yes", g)
         t1 = time.perf_counter()
         engine.results(session)
         engine.target_rank(session)
@@ -127,7 +129,7 @@ def serve(num_g: int, port: int, kind: str) -> None:
 
     from thi.app import create_app
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory() as tmp:
         model, cfg = build_model(kind, tmp)
         engine = build_engine(model, cfg, num_g)
@@ -211,6 +213,7 @@ def main(argv=None) -> int:
         return 0
     import torch
 
+    torch.set_num_threads(THREADS)
     load = os.getloadavg()[0]
     sizes = [int(x) for x in args.galleries.split(",")]
     rows = []
