@@ -335,7 +335,11 @@ def test_export_is_replayed_by_python_m_thi(api, run_dir, synth_root, evald, tmp
     assert main(["--run", run_dir, "--target", "SynthPEDES", "--root", synth_root, "--backend",
                  "simulated", "--device", "cpu", "--no-progress", "--rounds", "2",
                  "--queries", str(path)]) == 0
-    out = os.path.join(run_dir, "thi", "SynthPEDES", "queries", "my_search")
+    import glob
+
+    found = glob.glob(os.path.join(run_dir, "thi", "SynthPEDES", "*", "queries", "my_search"))
+    assert len(found) == 1, found  # RUN/thi/TARGET/<MLLM label>/queries/<file name>
+    out = found[0]
     rows = [json.loads(x) for x in open(os.path.join(out, "queries.jsonl"))]
     assert [r["caption"] for r in rows] == [evald["captions"][q]]
     assert json.load(open(os.path.join(out, "rounds.json")))["rounds"][-1]["metrics"]

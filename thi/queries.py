@@ -54,7 +54,7 @@ def apply_queries(data: dict, path: str, score_texts) -> dict:
 
 
 def queries_subfolder(path: str) -> str:
-    """``queries/<file name>``, under ``RUN/thi/TARGET/``: a query file's results never mix with
-    the test queries' results."""
+    """``queries/<file name>``, under the results folder: a query file's results never mix
+    with the test queries' results."""
     stem = os.path.splitext(os.path.basename(path))[0] or "queries"
     return os.path.join("queries", stem)

@@ -26,7 +26,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..pipeline import loc_request, refine_query
+from ..pipeline import ask_one, loc_request, refine_query
 from ..rerank import check_lambda, rerank_rows
 from .attributes import attributes_to_text
 
@@ -268,9 +268,9 @@ class SearchEngine:
                              "has none yet: answer yourself")
         t0 = time.perf_counter()
         with self._mllm_lock:
-            raw = self.client.generate([loc_request(session.current_text, self.image_paths[g])],
-                                       temperature=self.temperature,
-                                       max_tokens=self.max_tokens)[0]
+            raw = ask_one(self.client, "loc", loc_request(session.current_text,
+                                                          self.image_paths[g]),
+                          temperature=self.temperature, max_tokens=self.max_tokens)
         step["mllm_seconds"] += time.perf_counter() - t0
         parsed = parse_yes_no(raw)
         step.update(by="mllm", mllm_answer=raw)
