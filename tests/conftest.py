@@ -43,3 +43,23 @@ def synth_root(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("data")
     generate(root / "SynthPEDES", num_ids=40, images_per_id=4, seed=0)
     return str(root)
+
+
+@pytest.fixture(scope="module")
+def pinned_threads():
+    """Tests that assert learned numbers pin torch's thread count (the demo's default), since
+    another count sums floats in another order and moves the numbers; restored afterwards."""
+    import torch
+
+    from utils.determinism import DEFAULT_THREADS, pin_threads
+
+    previous = torch.get_num_threads()
+    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    pin_threads(DEFAULT_THREADS)
+    yield DEFAULT_THREADS
+    torch.set_num_threads(previous)
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

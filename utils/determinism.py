@@ -1,0 +1,44 @@
+"""Thread pinning and a machine description, for numbers that are quoted or tested.
+
+CPU results are bit-identical run to run for a fixed seed and thread count, but torch's
+intra-op thread count changes how float sums are split, so 1 vs 2 threads drift apart over a
+training run (demo: R5/R10 moved by 7-10 points). Whatever quotes or asserts a learned number
+pins the count with ``pin_threads`` and reports it with ``machine_description``.
+
+The default is one thread: the same numbers on any machine whatever its core count, and on a
+shared or small machine the tiny models lose little (their kernels are too small to split well).
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+DEFAULT_THREADS = 1
+
+
+def pin_threads(threads: int = DEFAULT_THREADS) -> int:
+    """Pin torch's intra-op threads (and the BLAS/OpenMP variables, for libraries initialised
+    later) to ``threads``; returns the previous torch thread count."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return previous
+
+
+def machine_description() -> str:
+    """CPU model and logical CPU count, e.g. 'AMD EPYC 7B13, 2 logical CPUs'."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} logical CPUs"
