@@ -28,29 +28,6 @@ sys.path.insert(0, ROOT)
 from utils.determinism import DEFAULT_THREADS  # noqa: E402
 
 
-def val_xi(run_dir: str, progress: bool) -> tuple[float, dict]:
-    """xi from the best checkpoint's top-1 similarities on the val split (Fig. 3's rule)."""
-    import numpy as np
-
-    from datasets import build_eval_loaders
-    from model import load_run
-    from model.features import extract_image_features, extract_text_features, similarity_from_features
-    from thi.threshold import choose_xi, similarity_histograms, top1_outcomes
-
-    model, cfg = load_run(run_dir, "cpu")
-    img_loader, txt_loader, _ = build_eval_loaders(cfg, split="val")
-    g_pids, g_feats = extract_image_features(model, img_loader, "cpu", None, progress)
-    q_pids, q_feats = extract_text_features(model, txt_loader, "cpu", None, progress)
-    sim = similarity_from_features(q_feats, g_feats).numpy()
-    top1, correct = top1_outcomes(sim, np.asarray(q_pids), np.asarray(g_pids))
-    xi = choose_xi(top1, correct)
-    stats = {"queries": len(top1), "correct": int(correct.sum()),
-             "mean_top1_correct": float(top1[correct].mean()) if correct.any() else float("nan"),
-             "mean_top1_wrong": float(top1[~correct].mean()) if (~correct).any() else float("nan"),
-             "histograms": similarity_histograms(top1, correct)}
-    return xi, stats
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="work", help="folder for data, the tiny CLIP and runs")
@@ -98,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_thi:
         # xi the paper's way (Fig. 3): correct retrievals have higher top-1 similarities than
         # wrong ones; xi is where their histograms cross. Read on val, so test stays unseen.
-        xi, stats = val_xi(run_dir, progress)
+        from thi.threshold import xi_from_split
+
+        xi, stats = xi_from_split(run_dir, "val", progress=progress)
         print(f"[demo] xi = {xi:.4f}: where the val top-1 similarity histograms of correct "
               f"({stats['correct']}/{stats['queries']}, mean {stats['mean_top1_correct']:.3f}) and wrong "
               f"(mean {stats['mean_top1_wrong']:.3f}) retrievals cross")

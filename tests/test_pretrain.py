@@ -47,17 +47,17 @@ def test_corpus_comes_from_another_distribution(corpus, synth_root):
     assert not {identity_key(a) for a in bench_attrs} & {identity_key(a) for a in corpus.attributes}
     # Other clothing mix: the benchmark draws garment colours uniformly, the corpus does not.
     uniform = 1 / len(SCHEMA["upper_color"])
-    assert max(abs(w - uniform) for w in corpus.mix["upper_color"].values()) > 0.03
+    assert max(abs(w - uniform) for w in corpus.mix["upper_color"].values()) > 0.05   # measured 0.13
     # Other wording: no caption in common, few shared word trigrams, the benchmark's stock
     # phrases absent, and richer captions (more attributes named).
     assert not set(bench_captions) & set(pre_captions)
     pre_tri, bench_tri = _trigrams(pre_captions), _trigrams(bench_captions)
     shared = len(pre_tri & bench_tri) / len(pre_tri)
-    assert shared < 0.15, shared      # measured 0.05
+    assert shared < 0.1, shared       # measured 0.03
     assert not any(p in c.lower() for c in pre_captions for p in ("is wearing", "also wears", "does not wear"))
     colours = set(SCHEMA["upper_color"]) | set(SCHEMA["hair_color"]) | {"grey"}
     richness = [np.mean([sum(w in colours for w in _words(c)) for c in caps]) for caps in (pre_captions, bench_captions)]
-    assert richness[0] > 1.5 * richness[1], richness     # colours named per caption; measured RICH
+    assert richness[0] > 1.3 * richness[1], richness     # colours named per caption; measured 5.9 vs 3.9
     # ...but the attribute vocabulary is shared, so what is learned transfers.
     pre_words = {w for c in pre_captions for w in _words(c)}
     for word in ("red", "blue", "jacket", "jeans", "skirt", "backpack", "hair", "glasses", "sneakers"):
@@ -119,7 +119,7 @@ def _pair_gap(clip_path, synth_root):
 def test_pretrained_checkpoint_aligns_synthpedes_pairs(pretrained, tiny_clip_path, synth_root):
     """Mechanism check: the checkpoint is read by model/clip.py like OpenAI's, and on the
     benchmark (never seen in pre-training) matched pairs score clearly above mismatched ones;
-    a random CLIP does not. Measured gap: 0.XX pre-trained, 0.00 random."""
+    a random CLIP does not. Measured gap (1 thread): 0.25 pre-trained, 0.002 random."""
     from model.clip import read_clip_state_dict
 
     path, summary = pretrained
@@ -127,5 +127,33 @@ def test_pretrained_checkpoint_aligns_synthpedes_pairs(pretrained, tiny_clip_pat
     assert int(sd["input_resolution"]) == 64 and sd["visual.positional_embedding"].shape[0] == 4 * 4 + 1
     assert summary["temperature"] < 0.07            # the learned temperature moved from CLIP's init
     gap, random_gap = _pair_gap(path, synth_root), _pair_gap(tiny_clip_path, synth_root)
-    assert gap > 0.1, gap
+    assert gap > 0.15, gap
     assert abs(random_gap) < 0.03, random_gap
+
+
+@pytest.fixture(scope="module")
+def synth300(tmp_path_factory):
+    from datasets.synthpedes import generate
+
+    root = tmp_path_factory.mktemp("synth300")
+    generate(root / "SynthPEDES", num_ids=300, images_per_id=2, seed=0)
+    return str(root)
+
+
+@pytest.mark.slow
+def test_tal_finetune_from_pretrained_learns(pretrained, synth300, tmp_path, pinned_threads):
+    """The paper's recipe (configs/synthpedes_mini.yaml: TAL, tau 0.015, CCD on) from the
+    test-sized pre-trained CLIP, a few epochs. Chance is R1 = 1.1% (90 test identities, 2
+    images each). Measured with 1 pinned thread: R1 FT_R1, mAP FT_MAP."""
+    from processor.trainer import train
+    from utils.config import load_config
+
+    path, _ = pretrained
+    cfg = load_config("configs/synthpedes_mini.yaml",
+                      [f"root_dir={synth300}", f"output_dir={tmp_path}", f"pretrain_choice={path}",
+                       f"num_epoch={FT_EPOCHS}", f"eval_period={FT_EPOCHS}", "device=cpu", "save_eval=false",
+                       "seed=0"])
+    history = train(cfg, str(tmp_path / "ft"), progress=False)
+    final = history["epochs"][-1]["metrics"]["t2i"]
+    assert final["R1"] > FT_R1_MIN, final
+    assert final["mAP"] > FT_MAP_MIN, final

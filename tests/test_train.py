@@ -60,7 +60,7 @@ def synth300(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def scratch_run(tiny_clip_path, synth300, tmp_path_factory):
+def scratch_run(tiny_clip_path, synth300, tmp_path_factory, pinned_threads):
     out = tmp_path_factory.mktemp("scratch")
     cfg = tiny_cfg(tiny_clip_path, synth300, out, **SCRATCH)
     history = train(cfg, str(out / "run"), progress=False)
@@ -80,7 +80,7 @@ def test_short_training_lifts_rank1_far_above_chance(scratch_run):
 
 
 @pytest.mark.slow
-def test_ccd_flags_injected_noise(scratch_run, tiny_clip_path, synth300, tmp_path):
+def test_ccd_flags_injected_noise(scratch_run, tiny_clip_path, synth300, tmp_path, pinned_threads):
     """40% of the pairs get another pair's caption. Starting from a backbone that aligns the clean
     pairs (CLIP's role, played by the warm-started run), CCD's consensus marks the shuffled pairs.
     Measured: precision 0.99, recall 0.90 in epoch 1."""

@@ -57,3 +57,24 @@ def similarity_histograms(top1: np.ndarray, correct: np.ndarray, bins: int = 20)
     return {"edges": edges.tolist(),
             "correct": np.histogram(top1[correct], edges)[0].tolist(),
             "wrong": np.histogram(top1[~correct], edges)[0].tolist()}
+
+
+def xi_from_split(run_dir: str, split: str = "val", *, device: str = "cpu", progress: bool = False) -> tuple[float, dict]:
+    """``choose_xi`` on a run's best checkpoint, scored on ``split`` of its own dataset (not the
+    reported test split). Returns (xi, stats with the counts, mean top-1 similarity of correct and
+    wrong retrievals, and the histograms)."""
+    from datasets import build_eval_loaders
+    from model import load_run
+    from model.features import extract_image_features, extract_text_features, similarity_from_features
+
+    model, cfg = load_run(run_dir, device)
+    img_loader, txt_loader, _ = build_eval_loaders(cfg, split=split)
+    g_pids, g_feats = extract_image_features(model, img_loader, device, None, progress)
+    q_pids, q_feats = extract_text_features(model, txt_loader, device, None, progress)
+    sim = similarity_from_features(q_feats, g_feats).float().cpu().numpy()
+    top1, correct = top1_outcomes(sim, np.asarray(q_pids), np.asarray(g_pids))
+    stats = {"split": split, "queries": int(len(top1)), "correct": int(correct.sum()),
+             "mean_top1_correct": float(top1[correct].mean()) if correct.any() else float("nan"),
+             "mean_top1_wrong": float(top1[~correct].mean()) if (~correct).any() else float("nan"),
+             "histograms": similarity_histograms(top1, correct)}
+    return choose_xi(top1, correct), stats
