@@ -47,8 +47,8 @@ class PretrainSettings:
     image_resolution: int = 64      # square grid stored in the checkpoint (4x4 for patch 16)
     image_size: tuple[int, int] = (64, 32)   # (H, W) of the training images
     text_length: int = 77
-    steps: int = 300
-    batch_size: int = 256
+    steps: int = 200
+    batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 100
@@ -148,10 +148,11 @@ def retrieval_r1(model: _Pretrainer, images: torch.Tensor, ids: torch.Tensor, ch
 
 
 def pretrain_clip(images: np.ndarray, captions: list[list[str]], out_path: str, settings: PretrainSettings,
-                  *, heldout: int = 500, progress: bool = True, log=print) -> dict:
+                  *, heldout: int = 300, progress: bool = True, log=print, stop_after: int | None = None) -> dict:
     """Pre-train on ``images`` (uint8 [N, H, W, 3]) and ``captions`` (per image a list, one drawn
     per step); the last ``heldout`` pairs are kept out to report Rank-1. Writes ``out_path``
-    (OpenAI layout) atomically and returns a summary dict."""
+    (OpenAI layout) atomically and returns a summary dict. ``stop_after=k`` saves the resume
+    state after step k and returns None, as a killed run would leave it (tests)."""
     s = settings
     if tuple(images.shape[1:3]) != tuple(s.image_size):
         raise ValueError(f"corpus images are {images.shape[1:3]}, settings.image_size is {s.image_size}")
@@ -170,7 +171,8 @@ def pretrain_clip(images: np.ndarray, captions: list[list[str]], out_path: str, 
     step = 0
     if os.path.isfile(state_path):
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state["settings"] != asdict(s):
+        keep = lambda d: {k: v for k, v in d.items() if k != "save_every"}  # noqa: E731
+        if keep(state["settings"]) != keep(asdict(s)):
             raise RuntimeError(f"{state_path} was written with other settings; delete it to start over")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -196,9 +198,12 @@ def pretrain_clip(images: np.ndarray, captions: list[list[str]], out_path: str, 
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", T=f"{1 / model.logit_scale.exp().item():.3f}")
-        if step % s.save_every == 0 and step < s.steps:
+        if (step % s.save_every == 0 or step == stop_after) and step < s.steps:
             atomic_torch_save(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                            "generator": gen.get_state(), "step": step, "settings": asdict(s)})
+        if step == stop_after:
+            bar.close()
+            return None
     bar.close()
     r1 = retrieval_r1(model, imgs[n_train:], ids[n_train:, 0]) if heldout else float("nan")
     atomic_torch_save(out_path, model.openai_state_dict())

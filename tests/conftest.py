@@ -48,18 +48,9 @@ def synth_root(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def pinned_threads():
     """Tests that assert learned numbers pin torch's thread count (the demo's default), since
-    another count sums floats in another order and moves the numbers; restored afterwards."""
-    import torch
+    another count sums floats in another order and moves the numbers; restored afterwards.
+    A module whose numbers were measured with another count overrides this fixture."""
+    from utils.determinism import DEFAULT_THREADS, pinned_threads as pinned
 
-    from utils.determinism import DEFAULT_THREADS, pin_threads
-
-    previous = torch.get_num_threads()
-    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    pin_threads(DEFAULT_THREADS)
-    yield DEFAULT_THREADS
-    torch.set_num_threads(previous)
-    for k, v in env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pinned(DEFAULT_THREADS) as n:
+        yield n

@@ -10,8 +10,10 @@ shared or small machine the tiny models lose little (their kernels are too small
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+from typing import Iterator
 
 DEFAULT_THREADS = 1
 
@@ -28,6 +30,24 @@ def pin_threads(threads: int = DEFAULT_THREADS) -> int:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     return previous
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int = DEFAULT_THREADS) -> Iterator[int]:
+    """``pin_threads`` for a block; the previous count and environment are restored after it."""
+    import torch
+
+    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    previous = pin_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(previous)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def machine_description() -> str:
