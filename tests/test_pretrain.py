@@ -161,11 +161,15 @@ def synth300(tmp_path_factory):
     return str(root)
 
 
+FT_EPOCHS = 5
+FT_R1_MIN, FT_MAP_MIN = 5.0, 9.0     # measured (1 thread): R1 7.78, R5 26.11, R10 45.56, mAP 12.47
+
+
 @pytest.mark.slow
 def test_tal_finetune_from_pretrained_learns(pretrained, synth300, tmp_path, pinned_threads):
     """The paper's recipe (configs/synthpedes_mini.yaml: TAL, tau 0.015, CCD on) from the
     test-sized pre-trained CLIP, a few epochs. Chance is R1 = 1.1% (90 test identities, 2
-    images each). Measured with 1 pinned thread: R1 FT_R1, mAP FT_MAP."""
+    images each). The bounds leave room for other CPUs' numerics (see FT_R1_MIN)."""
     from processor.trainer import train
     from utils.config import load_config
 
