@@ -28,6 +28,17 @@ sys.path.insert(0, ROOT)
 from utils.determinism import DEFAULT_THREADS  # noqa: E402
 
 
+def thi_command(run_dir: str, target: str, data_root: str, attributes: str, xi: float,
+                progress: bool) -> list[str]:
+    """The demo's ``python -m thi`` command. Its xi is the demo's own, so it writes its own
+    folder (``RUN/thi/TARGET/demo``): the commands of docs/THI.md, with the paper's xi, then
+    run after it instead of meeting a folder of other settings."""
+    cmd = [sys.executable, "-m", "thi", "--run", run_dir, "--target", target, "--root", data_root,
+           "--backend", "simulated", "--attributes", attributes, "--xi", f"{xi:.4f}",
+           "--out", os.path.join(run_dir, "thi", target, "demo")]
+    return cmd if progress else cmd + ["--no-progress"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="work", help="folder for data, the tiny CLIP and runs")
@@ -82,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({stats['correct']}/{stats['queries']}, mean {stats['mean_top1_correct']:.3f}) and wrong "
               f"(mean {stats['mean_top1_wrong']:.3f}) retrievals cross")
         print("[demo] THI with the simulated MLLM (python -m thi)")
-        cmd = [sys.executable, "-m", "thi", "--run", run_dir, "--target", cfg.dataset_name,
-               "--root", data_root, "--backend", "simulated", "--attributes", synth, "--xi", f"{xi:.4f}"]
-        if not progress:
-            cmd.append("--no-progress")
+        cmd = thi_command(run_dir, cfg.dataset_name, data_root, synth, xi, progress)
         print("[demo] " + " ".join(cmd))
         subprocess.run(cmd, check=True)   # inherits the pinned OMP_NUM_THREADS
     print(f"[demo] measured with {args.threads} torch threads on {machine_description()}")
