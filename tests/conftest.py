@@ -43,3 +43,14 @@ def synth_root(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("data")
     generate(root / "SynthPEDES", num_ids=40, images_per_id=4, seed=0)
     return str(root)
+
+
+@pytest.fixture(scope="module")
+def pinned_threads():
+    """Tests that assert learned numbers pin torch's thread count (the demo's default), since
+    another count sums floats in another order and moves the numbers; restored afterwards.
+    A module whose numbers were measured with another count overrides this fixture."""
+    from utils.determinism import DEFAULT_THREADS, pinned_threads as pinned
+
+    with pinned(DEFAULT_THREADS) as n:
+        yield n
