@@ -46,7 +46,7 @@ test: venv venv-vllm venv-llamafactory
 
 # Plant each bug of scripts/mutation_check.py in a scratch copy and run the fast tests on it.
 mutation: venv
-	$(PY) scripts/mutation_check.py
+	$(PY) scripts/mutation_check.py $(MUTATION_ARGS)
 
 bench: venv
 	$(PY) scripts/bench_eval.py

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="only check that every snippet matches exactly once")
     ap.add_argument("--list", action="store_true", help="list the mutations")
     ap.add_argument("--only", nargs="+", metavar="ID", help="run only these mutations")
+    ap.add_argument("--jobs", type=int, default=1, help="mutations tested side by side (one scratch copy each)")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per mutation's test run")
     args = ap.parse_args(argv)
     mutations = MUTATIONS
@@ -261,34 +265,51 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     broken = {p.split(":")[0] for p in problems}
     results: dict[str, str] = {m.id: "ERROR" for m in mutations if m.id in broken}
+    todo = [m for m in mutations if m.id not in results]
+    jobs = max(1, min(args.jobs, len(todo)))
     with tempfile.TemporaryDirectory(prefix="icl-mutation-") as tmp:
-        copy = os.path.join(tmp, "repo")
-        scratch_copy(copy)
+        copies = [os.path.join(tmp, f"repo{j}") for j in range(jobs)]
+        for copy in copies:
+            scratch_copy(copy)
         targets = tuple(sorted({t for m in mutations for t in m.tests}))
         print(f"[mutation] baseline: {len(targets)} test targets on the unmutated copy ...", flush=True)
-        rc, tail = run_tests(copy, targets, args.timeout * 3)
+        rc, tail = run_tests(copies[0], targets, args.timeout * 3)
         if rc != 0:
             print(f"ERROR: the tests fail without any mutation (exit {rc}):\n{tail}")
             return 1
-        for n, m in enumerate(mutations, 1):
-            if m.id in results:
-                continue
-            path = os.path.join(copy, m.path)
-            original = open(path, encoding="utf-8").read()
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(original.replace(m.old, m.new, 1))
-            t0 = time.time()
+        free = queue.Queue()
+        for copy in copies:
+            free.put(copy)
+        lock = threading.Lock()
+        done = [0]
+
+        def plant_and_test(m: Mutation) -> None:
+            copy = free.get()
             try:
-                rc, tail = run_tests(copy, m.tests, args.timeout)
-            finally:
+                path = os.path.join(copy, m.path)
+                original = open(path, encoding="utf-8").read()
                 with open(path, "w", encoding="utf-8") as f:
-                    f.write(original)
+                    f.write(original.replace(m.old, m.new, 1))
+                t0 = time.time()
+                try:
+                    rc, tail = run_tests(copy, m.tests, args.timeout)
+                finally:
+                    with open(path, "w", encoding="utf-8") as f:
+                        f.write(original)
+            finally:
+                free.put(copy)
             # 1: tests failed (caught); 0: all passed (survived); else: could not judge.
-            results[m.id] = {0: "SURVIVED", 1: "caught"}.get(rc, f"ERROR (pytest exit {rc})")
-            print(f"[mutation] {n:2d}/{len(mutations)} {results[m.id]:9s} {m.id} ({time.time() - t0:.0f} s)",
-                  flush=True)
-            if rc not in (0, 1):
-                print(tail)
+            verdict = {0: "SURVIVED", 1: "caught"}.get(rc, f"ERROR (pytest exit {rc})")
+            with lock:
+                results[m.id] = verdict
+                done[0] += 1
+                print(f"[mutation] {done[0]:2d}/{len(todo)} {verdict:9s} {m.id} ({time.time() - t0:.0f} s)",
+                      flush=True)
+                if rc not in (0, 1):
+                    print(tail)
+
+        with ThreadPoolExecutor(jobs) as pool:
+            list(pool.map(plant_and_test, todo))
     caught = sum(v == "caught" for v in results.values())
     bad = {k: v for k, v in results.items() if v != "caught"}
     print(f"\n[mutation] score {caught}/{len(mutations)} caught in {time.time() - start:.0f} s")

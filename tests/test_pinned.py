@@ -19,22 +19,23 @@ import torch.nn.functional as F
 # ------------------------------------------------------------------ an independent TAL
 def reference_tal(text: torch.Tensor, image: torch.Tensor, pids: torch.Tensor, tau: float,
                   margin: float) -> torch.Tensor:
-    """TAL per pair written out loop by loop from the paper (no code shared with model/)."""
-    t = text / text.norm(dim=1, keepdim=True)
-    v = image / image.norm(dim=1, keepdim=True)
-    s = (t @ v.t()).double()
-    n = s.shape[0]
-    out = torch.zeros(n, dtype=torch.float64)
+    """TAL per pair written out from the paper in float64 (no code shared with model/):
+    per direction, max(0, m - sum_p alpha_p s_p + tau log sum_n exp(s_n / tau)), alpha the
+    softmax of s_p / tau over the positives; rows without a negative give 0."""
+    t = text.detach().double()
+    v = image.detach().double()
+    s = (t / t.norm(dim=1, keepdim=True)) @ (v / v.norm(dim=1, keepdim=True)).t()
+    same = pids[:, None] == pids[None, :]
+    out = torch.zeros(s.shape[0], dtype=torch.float64)
     for sim in (s, s.t()):
-        for i in range(n):
-            pos = [j for j in range(n) if pids[j] == pids[i]]
-            neg = [j for j in range(n) if pids[j] != pids[i]]
-            if not neg:
-                continue
-            alpha = torch.softmax(sim[i, pos] / tau, dim=0)
-            positive = (alpha * sim[i, pos]).sum()
-            negative = tau * torch.log(torch.exp(sim[i, neg] / tau).sum())
-            out[i] += max(0.0, float(margin - positive + negative))
+        e = torch.exp(sim / tau)
+        alpha = torch.where(same, e, torch.zeros_like(e))
+        alpha = alpha / alpha.sum(1, keepdim=True)
+        positive = (alpha * sim).sum(1)
+        neg_sum = torch.where(same, torch.zeros_like(e), e).sum(1)
+        has_neg = (~same).any(1)
+        term = margin - positive + tau * torch.log(neg_sum.clamp(min=1e-300))
+        out += torch.where(has_neg, term.clamp(min=0), torch.zeros_like(term))
     return out
 
 
@@ -88,7 +89,13 @@ def test_loss_reaching_backward_is_ccd_weighted_and_rda_times_gamma(tiny_clip_pa
     seen = []
     original = RDE.forward
 
+    class Enough(Exception):
+        pass
+
     def spy_forward(self, batch, weights=None, aug_gamma=None):
+        if len(seen) == 3:
+            raise Enough  # three batches tell; the rest of the epoch would only cost time
+        assert aug_gamma == pytest.approx(gamma)
         out = original(self, batch, weights=weights, aug_gamma=aug_gamma)
         with torch.no_grad():
             i_bge, i_tse = self.image_embeddings(batch["images"])
@@ -110,9 +117,9 @@ def test_loss_reaching_backward_is_ccd_weighted_and_rda_times_gamma(tiny_clip_pa
     monkeypatch.setattr(trainer, "ccd_weights", fake_ccd)
     monkeypatch.setattr(RDE, "forward", spy_forward)
     monkeypatch.setattr(trainer.torch.amp, "GradScaler", SpyScaler)
-    history = trainer.train(cfg, str(tmp_path / "run"), progress=False)
-    assert history["epochs"][0]["rda_gamma"] == pytest.approx(gamma)
-    assert len(seen) >= 4 and all(s["total"] is not None for s in seen)
+    with pytest.raises(Enough):
+        trainer.train(cfg, str(tmp_path / "run"), progress=False)
+    assert len(seen) == 3 and all(s["total"] is not None for s in seen)
     for s in seen:
         assert s["total"] == pytest.approx(s["ref"], rel=1e-4, abs=1e-5), seen
 
