@@ -44,6 +44,16 @@ class Mutation:
 
 M = Mutation
 PINNED = "tests/test_pinned.py"
+P_TRAIN = f"{PINNED}::test_loss_reaching_backward_is_ccd_weighted_and_rda_times_gamma"
+P_GRAD = f"{PINNED}::test_noisy_pair_moves_no_gradient"
+P_TSE = (f"{PINNED}::test_visual_tse_keeps_the_top_ratio_patches_by_cls_attention",
+         f"{PINNED}::test_text_tse_keeps_the_top_ratio_words_by_eot_attention")
+P_MEAN = (f"{PINNED}::test_retrieval_uses_the_mean_of_bge_and_tse", f"{PINNED}::test_thi_scorer_uses_the_mean_of_bge_and_tse")
+THI_GATING = tuple(f"tests/test_thi.py::{t}" for t in (
+    "test_gating_unit_functions", "test_gating_follows_algorithm_1_case_by_case",
+    "test_queries_asked_per_round_needed_scheme", "test_single_round_asks_only_confident_queries"))
+THI_EQ6 = tuple(f"tests/test_thi.py::{t}" for t in (
+    "test_eq6_on_known_inputs", "test_run_thi_applies_eq6_only_to_refined_queries"))
 MUTATIONS: list[Mutation] = [
     # ---------------------------------------------------------------- metrics
     M("metrics-r1-off-by-one", "utils/metrics.py", "np.count_nonzero(first < 1)", "np.count_nonzero(first <= 1)",
@@ -58,10 +68,10 @@ MUTATIONS: list[Mutation] = [
     # ---------------------------------------------------------------- losses
     M("tal-one-direction", "model/objectives.py",
       "return _tal_direction(scores, pos, tau, margin) + _tal_direction(scores.t(), pos, tau, margin)",
-      "return 2 * _tal_direction(scores, pos, tau, margin)", ("tests/test_objectives.py", PINNED),
+      "return 2 * _tal_direction(scores, pos, tau, margin)", ("tests/test_objectives.py", P_GRAD),
       "TAL trains text-to-image only"),
     M("tal-margin-sign", "model/objectives.py", "- _weighted_positive(sim, pos, tau) + margin).clamp(min=0)",
-      "- _weighted_positive(sim, pos, tau) - margin).clamp(min=0)", ("tests/test_objectives.py", PINNED),
+      "- _weighted_positive(sim, pos, tau) - margin).clamp(min=0)", ("tests/test_objectives.py", P_GRAD),
       "TAL's margin subtracted"),
     M("infonce-one-direction", "model/objectives.py", "return (t2i + i2t) / 2", "return t2i",
       ("tests/test_objectives.py",), "InfoNCE without the image-to-text half"),
@@ -70,40 +80,40 @@ MUTATIONS: list[Mutation] = [
       "TRL uses the easiest negative"),
     M("positives-by-index-not-pid", "model/objectives.py", "return pids.unsqueeze(0) == pids.unsqueeze(1)",
       "return torch.eye(pids.shape[0], dtype=torch.bool, device=pids.device)",
-      ("tests/test_objectives.py", PINNED), "same-identity pairs treated as negatives"),
+      ("tests/test_objectives.py", P_GRAD), "same-identity pairs treated as negatives"),
     # ---------------------------------------------------------------- TSE
     M("tse-visual-least-attended", "model/tse.py",
       "scores[:, 0] = -1.0  # never select the CLS token itself\n        idx = scores.topk(k, dim=-1).indices",
       "scores[:, 0] = -1.0  # never select the CLS token itself\n        idx = (-scores).topk(k, dim=-1).indices",
-      (PINNED,), "TSE pools the least-attended patches"),
+      P_TSE, "TSE pools the least-attended patches"),
     M("tse-visual-attention-to-cls", "model/tse.py", "scores = attn[:, 0, :].clone()",
-      "scores = attn[:, :, 0].clone()", (PINNED,), "TSE reads the attention column (to CLS), not CLS's row"),
+      "scores = attn[:, :, 0].clone()", P_TSE, "TSE reads the attention column (to CLS), not CLS's row"),
     M("tse-visual-cls-selectable", "model/tse.py", "        scores[:, 0] = -1.0  # never select the CLS token itself\n",
-      "", (PINNED,), "TSE may pick the CLS token itself"),
+      "", P_TSE, "TSE may pick the CLS token itself"),
     M("tse-visual-mean-pool", "model/tse.py", "return feats.amax(dim=1).float()", "return feats.mean(dim=1).float()",
-      (PINNED,), "TSE mean-pools instead of max-pooling"),
+      P_TSE, "TSE mean-pools instead of max-pooling"),
     M("tse-text-least-attended", "model/tse.py",
       "scores = scores.masked_fill(~word, -1.0)\n        idx = scores.topk(k, dim=-1).indices",
       "scores = scores.masked_fill(~word, -1.0)\n        idx = (-scores).topk(k, dim=-1).indices",
-      (PINNED,), "text TSE pools the least-attended words"),
+      P_TSE, "text TSE pools the least-attended words"),
     M("tse-text-sot-row", "model/tse.py", "scores = attn[rows, eot, :].clone()", "scores = attn[rows, 0, :].clone()",
-      (PINNED,), "text TSE ranks words by SOT's attention"),
+      P_TSE, "text TSE ranks words by SOT's attention"),
     M("tse-text-sot-selectable", "model/tse.py", "        word[:, 0] = False\n", "",
-      (PINNED,), "text TSE may pick SOT"),
+      P_TSE, "text TSE may pick SOT"),
     # ---------------------------------------------------------------- RDE, retrieval
     M("rda-term-without-gamma", "model/rde.py", "out[name] = loss * aug_gamma if \"aug\" in name else loss",
-      "out[name] = loss", (PINNED,), "the RDA term at full weight all training long"),
+      "out[name] = loss", (P_GRAD,), "the RDA term at full weight all training long"),
     M("rda-gamma-min-for-max", "model/rde.py", "return max(minimum, start - decay * epoch)",
-      "return min(minimum, start - decay * epoch)", ("tests/test_train.py::test_rda_term_is_used_with_its_schedule", PINNED),
+      "return min(minimum, start - decay * epoch)", ("tests/test_train.py::test_rda_term_is_used_with_its_schedule",),
       "the RDA weight stuck at its floor"),
     M("ccd-weights-not-applied", "model/rde.py", "total = (w_local * per_local).sum()", "total = per_local.sum()",
-      (PINNED,), "CCD's labels never reach the loss: no defence against noisy pairs"),
+      (P_GRAD,), "CCD's labels never reach the loss: no defence against noisy pairs"),
     M("retrieval-bge-only", "model/features.py", "return sum(q[k] @ g[k].t() for k in names) / len(names)",
-      "return q[\"bge\"] @ g[\"bge\"].t()", (PINNED,), "retrieval ignores TSE (paper's numbers unreachable)"),
+      "return q[\"bge\"] @ g[\"bge\"].t()", P_MEAN, "retrieval ignores TSE (paper's numbers unreachable)"),
     M("evaluate-bge-only", "processor/evaluate.py", "sim = similarity_from_features(q_feats, g_feats)",
-      "sim = q_feats[\"bge\"] @ g_feats[\"bge\"].t()", (PINNED,), "evaluation ranks by BGE alone"),
+      "sim = q_feats[\"bge\"] @ g_feats[\"bge\"].t()", P_MEAN, "evaluation ranks by BGE alone"),
     M("thi-scorer-bge-only", "thi/scoring.py", "for k in (\"bge\", \"tse\") if k in gallery_feats}",
-      "for k in (\"bge\",) if k in gallery_feats}", (PINNED,),
+      "for k in (\"bge\",) if k in gallery_feats}", P_MEAN,
       "THI re-encodes refined queries with BGE only: S_bar on another scale than S"),
     M("text-bge-at-sot", "model/rde.py",
       "bge = tokens[torch.arange(tokens.shape[0], device=tokens.device), ids.argmax(dim=-1)].float()",
@@ -119,12 +129,12 @@ MUTATIONS: list[Mutation] = [
       "return (prob >= threshold).astype(np.int64)", ("tests/test_ccd.py",), "the 1% rule marks nothing"),
     # ---------------------------------------------------------------- training loop
     M("train-ignores-ccd-weights", "processor/trainer.py", "losses = net(batch, weights=w, aug_gamma=gamma)",
-      "losses = net(batch, aug_gamma=gamma)", (PINNED,), "RDE's whole defence against noisy pairs is off"),
+      "losses = net(batch, aug_gamma=gamma)", (P_TRAIN,), "RDE's whole defence against noisy pairs is off"),
     M("train-weights-misindexed", "processor/trainer.py", "w = weights[batch[\"index\"].cpu().long()].to(device)",
-      "w = weights[:batch[\"index\"].shape[0]].to(device)", (PINNED,),
+      "w = weights[:batch[\"index\"].shape[0]].to(device)", (P_TRAIN,),
       "each batch gets the first pairs' CCD weights"),
     M("train-gamma-epoch-0", "processor/trainer.py", "gamma = rda_gamma(epoch, cfg.rda_gamma_start",
-      "gamma = rda_gamma(0, cfg.rda_gamma_start", (PINNED,), "the RDA weight never decays"),
+      "gamma = rda_gamma(0, cfg.rda_gamma_start", (P_TRAIN,), "the RDA weight never decays"),
     M("train-best-by-lower-r1", "processor/trainer.py", "if r1 > history.best_r1:", "if r1 < history.best_r1:",
       ("tests/test_train.py::test_resume_is_bit_identical",), "best.pth never written / wrong epoch"),
     # ---------------------------------------------------------------- RDA data
@@ -138,15 +148,15 @@ MUTATIONS: list[Mutation] = [
       ("tests/test_loaders.py",), "noisy pairs keep their image's true RDA sub-sentences"),
     # ---------------------------------------------------------------- THI gating, Eq. 6
     M("gating-round0-ignores-xi", "thi/gating.py", "return yes & fresh & confident", "return yes & fresh",
-      ("tests/test_thi.py",), "unconfident queries anchored at round 0"),
+      THI_GATING, "unconfident queries anchored at round 0"),
     M("gating-later-rounds-ignore-xi", "thi/gating.py", "return yes & fresh & ~confident", "return yes & fresh",
-      ("tests/test_thi.py",), "confident queries re-anchored in later rounds"),
+      THI_GATING, "confident queries re-anchored in later rounds"),
     M("gating-xi-inclusive", "thi/gating.py", "confident = np.asarray(top1) > xi", "confident = np.asarray(top1) >= xi",
-      ("tests/test_thi.py",), "top1 == xi counted as confident"),
+      THI_GATING, "top1 == xi counted as confident"),
     M("eq6-anchor-not-one", "thi/rerank.py", "    s_bar[np.arange(len(anchor_cols)), anchor_cols] = 1.0\n", "",
-      ("tests/test_thi.py",), "the confirmed anchor is not pinned to 1"),
+      THI_EQ6, "the confirmed anchor is not pinned to 1"),
     M("eq6-lambda-swapped", "thi/rerank.py", "return (lam * base_rows + (1.0 - lam) * s_bar)",
-      "return ((1.0 - lam) * base_rows + lam * s_bar)", ("tests/test_thi.py",), "lambda weights the wrong term"),
+      "return ((1.0 - lam) * base_rows + lam * s_bar)", THI_EQ6, "lambda weights the wrong term"),
     # ---------------------------------------------------------------- MLLM answer parsing
     M("parse-yes-no-unparseable-is-no", "utils/mllm/parsing.py",
       "return True if word == \"yes\" else False if word == \"no\" else None", "return word == \"yes\"",
@@ -217,8 +227,11 @@ def check_patterns(mutations: list[Mutation], root: str = ROOT) -> list[str]:
             problems.append(f"{m.id}: the snippet occurs {count} times in {m.path} (must be exactly once); "
                             f"update it in scripts/mutation_check.py: {m.old!r}")
         for t in m.tests:
-            if not os.path.isfile(os.path.join(root, t.split("::")[0])):
+            file, _, func = t.partition("::")
+            if not os.path.isfile(os.path.join(root, file)):
                 problems.append(f"{m.id}: test target {t} does not exist")
+            elif func and f"def {func.split('[')[0]}(" not in open(os.path.join(root, file), encoding="utf-8").read():
+                problems.append(f"{m.id}: test target {t}: no such test in {file}")
     return problems
 
 
