@@ -92,3 +92,37 @@ def synth_root(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("data")
     generate(root / "SynthPEDES", num_ids=40, images_per_id=4, seed=0)
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def synth300(tmp_path_factory) -> str:
+    """A larger SynthPEDES (300 identities, 2 images each; 90 test identities)."""
+    from datasets.synthpedes import generate
+
+    root = tmp_path_factory.mktemp("synth300")
+    generate(root / "SynthPEDES", num_ids=300, images_per_id=2, seed=0)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_clip_path, synth300, tmp_path_factory):
+    """A tiny RDE trained from scratch on ``synth300`` (30 epochs of InfoNCE, about a minute on
+    2 cores): ``(run_dir, history)``. Used by the learning, CCD and THI-with-a-trained-scorer
+    tests, so it is trained once per session."""
+    import json
+
+    from processor.trainer import train
+    from utils.config import load_config
+
+    out = tmp_path_factory.mktemp("scratch")
+    items = {
+        "dataset_name": "SynthPEDES", "root_dir": synth300, "output_dir": str(out),
+        "pretrain_choice": tiny_clip_path, "img_size": [64, 32], "tse_embed_dim": 64,
+        "batch_size": 32, "test_batch_size": 64, "num_workers": 0, "img_aug": False, "txt_aug": False,
+        "lr": 2e-3, "lr_factor": 2.0, "adam_eps": 1e-8, "warmup_epochs": 1, "num_epoch": 30, "eval_period": 30,
+        "log_period": 1000, "device": "cpu", "save_eval": False, "seed": 0,
+        "loss_names": "InfoNCE", "temperature": 0.07, "ccd": False,
+    }
+    cfg = load_config(None, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in items.items()])
+    history = train(cfg, str(out / "run"), progress=False)
+    return str(out / "run"), history
