@@ -104,7 +104,7 @@ MUTATIONS: list[Mutation] = [
     M("rda-term-without-gamma", "model/rde.py", "out[name] = loss * aug_gamma if \"aug\" in name else loss",
       "out[name] = loss", (P_GRAD,), "the RDA term at full weight all training long"),
     M("rda-gamma-min-for-max", "model/rde.py", "return max(minimum, start - decay * epoch)",
-      "return min(minimum, start - decay * epoch)", ("tests/test_train.py::test_rda_term_is_used_with_its_schedule",),
+      "return min(minimum, start - decay * epoch)", (P_TRAIN,),
       "the RDA weight stuck at its floor"),
     M("ccd-weights-not-applied", "model/rde.py", "total = (w_local * per_local).sum()", "total = per_local.sum()",
       (P_GRAD,), "CCD's labels never reach the loss: no defence against noisy pairs"),
@@ -241,6 +241,9 @@ def run_tests(copy: str, tests: tuple, timeout: int) -> tuple[int, str]:
         python = sys.executable
     cmd = [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", FAST, *tests]
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    # one thread per test run: with several runs side by side (--jobs) or a busy machine,
+    # OpenMP threads that spin-wait for each other cost far more than they bring
+    env.setdefault("OMP_NUM_THREADS", "1")
     try:
         proc = subprocess.run(cmd, cwd=copy, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
