@@ -89,11 +89,11 @@ def _run(cmd: list[str], cwd: str, env: dict, timeout: float) -> tuple[int | Non
 
 @pytest.fixture(scope="module")
 def demo_repo(tmp_path_factory) -> str:
-    """A scratch copy of the repository after a small `make demo` (40 identities, one epoch, no
-    THI: the blocks run it)."""
+    """A scratch copy of the repository after `make demo` made small (40 identities, one epoch;
+    THI with the simulated MLLM as the demo runs it, so the blocks meet what a user meets)."""
     repo = str(tmp_path_factory.mktemp("docs") / "repo")
     _copy_tree(repo)
-    cmd = [os.path.join(repo, ".venv", "bin", "python"), "scripts/demo.py", "--num-ids", "40", "--skip-thi",
+    cmd = [os.path.join(repo, ".venv", "bin", "python"), "scripts/demo.py", "--num-ids", "40",
            "--no-progress", "num_epoch=1", "device=cpu"]
     rc, out, cpu = _run(cmd, repo, _env(repo, ".venv"), 1800)
     assert rc == 0, out
