@@ -117,7 +117,7 @@ MUTATIONS: list[Mutation] = [
       "THI re-encodes refined queries with BGE only: S_bar on another scale than S"),
     M("text-bge-at-sot", "model/rde.py",
       "bge = tokens[torch.arange(tokens.shape[0], device=tokens.device), ids.argmax(dim=-1)].float()",
-      "bge = tokens[:, 0].float()", ("tests/test_rde.py",), "text embedding read at SOT: every caption alike"),
+      "bge = tokens[:, 0].float()", (f"{PINNED}::test_text_bge_is_read_at_the_eot_token",), "text embedding read at SOT: every caption alike"),
     # ---------------------------------------------------------------- CCD
     M("ccd-gmm-high-mean", "processor/ccd.py", "[:, int(np.argmin(gmm.means_.ravel()))]",
       "[:, int(np.argmax(gmm.means_.ravel()))]", ("tests/test_ccd.py",), "CCD trusts the noisy pairs"),

@@ -311,3 +311,26 @@ def test_thi_scorer_uses_the_mean_of_bge_and_tse():
     gallery = {"bge": np.eye(3, dtype=np.float32)[:2], "tse": np.eye(3, dtype=np.float32)[:2]}
     score = make_score_texts(Model(), gallery, 77, torch.device("cpu"))
     np.testing.assert_allclose(score(["zero", "one"]), (BGE_SIM + TSE_SIM) / 2, atol=1e-6)
+
+
+def test_text_bge_is_read_at_the_eot_token(tiny_clip_path):
+    """BGE of a caption is the backbone's token at EOT (the highest id), not at a fixed position:
+    with CLIP's causal mask an early position would give every caption the same embedding."""
+    from model import build_model
+    from utils.config import load_config
+    from utils.tokenizer import tokenize
+
+    cfg = load_config(None, [f"pretrain_choice={tiny_clip_path}", "img_size=[64, 32]", "tse_embed_dim=32",
+                             "device=cpu"])
+    model = build_model(cfg).eval()
+    ids = torch.stack([tokenize("a man", 77), tokenize("a woman in a long red coat with a black bag", 77)])
+    eot = [3, 12]
+    assert ids.argmax(dim=-1).tolist() == eot
+    with torch.no_grad():
+        tokens, _ = model.base_model.encode_text(ids)
+        bge, _ = model.text_embeddings(ids)
+        plain = model.encode_text(ids)
+    for row, pos in enumerate(eot):
+        torch.testing.assert_close(bge[row], tokens[row, pos].float())
+        torch.testing.assert_close(plain[row], tokens[row, pos].float())
+    assert not torch.allclose(bge[0], bge[1], atol=1e-3)
