@@ -144,7 +144,8 @@ MUTATIONS: list[Mutation] = [
       "return \" \".join(rng.choice(sub_sentences[i]) for i in order)",
       "return \" \".join(sub_sentences[i][0] for i in order)", ("tests/test_loaders.py",),
       "RDA never uses the rewrites"),
-    M("rda-not-moved-with-noise", "datasets/build.py", "        rda = permute_captions(rda, index)\n", "",
+    M("rda-not-moved-with-noise", "datasets/build.py", "        rda = permute_captions(rda, index)\n",
+      "        rda = list(rda)\n",
       ("tests/test_loaders.py",), "noisy pairs keep their image's true RDA sub-sentences"),
     # ---------------------------------------------------------------- THI gating, Eq. 6
     M("gating-round0-ignores-xi", "thi/gating.py", "return yes & fresh & confident", "return yes & fresh",

@@ -42,8 +42,12 @@ def test_thi_gain_with_the_trained_models_scorer(thi_case, synth300):
     """Measured (90 test identities, 180 images, 360 queries: one query is 0.28 R1; the trained
     run's base R1 10.6, mAP 17.4): THI with lambda 0.8, 5 rounds, xi at the median top-1 anchors
     58 queries and raises R1 by 5.8 (to 16.4) and mAP by 2.3. Bounds: +5.0 R1, +1.8 mAP (a few
-    queries of margin for other CPUs' training numerics). The refined queries' own similarity
-    matters: Eq. 6 with S_bar = S (only the anchor pinned to 1) gains less (see the bound below)."""
+    queries of margin for other CPUs' training numerics).
+
+    Finding: Eq. 6 with S_bar = S (only the anchor pinned to 1) gives +5.6 R1 on the same anchors,
+    so on this tiny model almost all of THI's gain comes from the confirmed anchors, the refined
+    queries' own similarity adding one query (+0.3 R1). The test checks that S_bar really is the
+    refined texts' similarity (the re-ranked rows differ from the S_bar = S ones)."""
     run, data, score = thi_case
     # The scorer reproduces the run's own similarity for the original captions (same rule, same scale).
     np.testing.assert_allclose(score(data["captions"][:16]), data["similarity"][:16], atol=1e-4)
@@ -64,4 +68,5 @@ def test_thi_gain_with_the_trained_models_scorer(thi_case, synth300):
     blind = rerank(data["similarity"], refined, data["similarity"][refined], res.anchors, 0.8)
     gain_blind = t2i_metrics(blind, data["q_pids"], data["g_pids"])["R1"] - base["R1"]
     print(f"without the refined queries' similarity: +{gain_blind:.1f} R1")
-    assert gain_r1 >= gain_blind + 1.5, (gain_r1, gain_blind)
+    assert np.abs(res.similarity[refined] - blind[refined]).max() > 1e-2
+    assert gain_blind > 3.0  # measured +5.6: the anchors carry most of the gain here
