@@ -58,23 +58,13 @@ def pinned_threads():
 
 
 SCRATCH = dict(loss_names="InfoNCE", temperature=0.07, ccd=False, lr=2e-3, num_epoch=30, eval_period=30)
+# (tests/conftest.py's ``trained_run`` trains with these settings; keep the two in step.)
 
 
 @pytest.fixture(scope="module")
-def synth300(tmp_path_factory):
-    from datasets.synthpedes import generate
-
-    root = tmp_path_factory.mktemp("synth300")
-    generate(root / "SynthPEDES", num_ids=300, images_per_id=2, seed=0)
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def scratch_run(tiny_clip_path, synth300, tmp_path_factory, pinned_threads):
-    out = tmp_path_factory.mktemp("scratch")
-    cfg = tiny_cfg(tiny_clip_path, synth300, out, **SCRATCH)
-    history = train(cfg, str(out / "run"), progress=False)
-    return str(out / "run"), history
+def scratch_run(trained_run):
+    """The session's trained tiny run (tests/conftest.py: ``trained_run``, settings SCRATCH)."""
+    return trained_run
 
 
 @pytest.mark.slow
