@@ -1,5 +1,5 @@
 # Two commands for a fresh machine:
-#   make demo   generate SynthPEDES, train a tiny RDE on it, evaluate, run THI with the simulated MLLM
+#   make demo   generate SynthPEDES, pre-train a tiny CLIP, fine-tune RDE (TAL) from it, evaluate, THI (simulated MLLM)
 #   make test   the whole test suite (main venv, then the vLLM and LLaMA-Factory venvs)
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 VLLM_VENV := .venv-vllm
 LF_VENV := .venv-llamafactory
 
-.PHONY: demo test test-fast venv venv-vllm venv-llamafactory bench clean-demo
+.PHONY: demo pretrain test test-fast mutation venv venv-vllm venv-llamafactory bench clean-demo
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,12 +31,26 @@ venv-llamafactory: $(LF_VENV)/.installed
 demo: venv
 	$(PY) scripts/demo.py
 
+# The tiny CLIP pre-trained on SynthPEDES-pretrain (make demo runs it first; skips when present).
+pretrain: venv
+	$(PY) scripts/pretrain_tiny_clip.py --out work/pretrained/tiny_clip_synthpretrain.pt
+
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow and not vllm and not llamafactory and not gpu"
 
+# Every pytest run records what it collected and how each test ended (tests/conftest.py);
+# the ledger check then fails if any collected test (gpu ones aside) passed in no run.
+LEDGER := work/test-ledger
+
 test: venv venv-vllm venv-llamafactory
-	ICL_REQUIRE_ALL=1 $(PY) -m pytest -q -m "not vllm and not gpu"
-	ICL_REQUIRE_ALL=1 $(VLLM_VENV)/bin/python -m pytest -q -m "vllm and not gpu"
+	rm -rf $(LEDGER)
+	ICL_REQUIRE_ALL=1 ICL_TEST_LEDGER=$(LEDGER) $(PY) -m pytest -q -m "not vllm and not gpu"
+	ICL_REQUIRE_ALL=1 ICL_TEST_LEDGER=$(LEDGER) $(VLLM_VENV)/bin/python -m pytest -q -m "vllm and not gpu"
+	$(PY) scripts/check_test_ledger.py $(LEDGER)
+
+# Plant each bug of scripts/mutation_check.py in a scratch copy and run the fast tests on it.
+mutation: venv
+	$(PY) scripts/mutation_check.py $(MUTATION_ARGS)
 
 bench: venv
 	$(PY) scripts/bench_eval.py

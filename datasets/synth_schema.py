@@ -86,7 +86,7 @@ def _weighted(rng: random.Random, options: dict[str, float]) -> str:
     return rng.choices(list(options), weights=list(options.values()))[0]
 
 
-def _fix_constraints(a: dict[str, str], rng: random.Random) -> dict[str, str]:
+def fix_constraints(a: dict[str, str], rng: random.Random) -> dict[str, str]:
     """Make an attribute set physically consistent (garment shapes imply lengths)."""
     if a["upper_type"] == "t-shirt":
         a["sleeve"] = "short"
@@ -131,7 +131,7 @@ def sample_identity(rng: random.Random) -> dict[str, str]:
     }
     if a["lower_type"] == "jeans" and rng.random() < 0.6:
         a["lower_color"] = "blue"
-    return _fix_constraints(a, rng)
+    return fix_constraints(a, rng)
 
 
 def mutate_identity(base: dict[str, str], rng: random.Random) -> dict[str, str]:
@@ -142,7 +142,7 @@ def mutate_identity(base: dict[str, str], rng: random.Random) -> dict[str, str]:
         if attr == "lower_type" and a["gender"] == "male":
             values = [v for v in values if v != "skirt"]
         a[attr] = rng.choice(values)
-    return _fix_constraints(a, rng)
+    return fix_constraints(a, rng)
 
 
 def sample_image_attributes(identity: dict[str, str], rng: random.Random) -> dict[str, str]:

@@ -79,3 +79,21 @@ def text_similarity(model, ids: torch.Tensor, gallery: dict[str, torch.Tensor], 
     if not out:
         return torch.zeros(0, next(iter(gallery.values())).shape[0])
     return torch.cat(out)
+
+
+@torch.no_grad()
+def image_similarity(model, images: torch.Tensor, gallery: dict[str, torch.Tensor], device,
+                     amp=None, batch_size: int = 64) -> torch.Tensor:
+    """Similarity of query images [n, 3, H, W] (already transformed) to saved gallery features:
+    image -> image retrieval with the image encoder, on the same rule as text queries."""
+    model.eval()
+    fn = _image_fn(model)
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        with autocast(device, amp):
+            feats = fn(images[start:start + batch_size].to(device))
+        q = {k: F.normalize(v.float(), dim=-1).cpu() for k, v in feats.items()}
+        out.append(similarity_from_features(q, gallery))
+    if not out:
+        return torch.zeros(0, next(iter(gallery.values())).shape[0])
+    return torch.cat(out)

@@ -89,25 +89,10 @@ def top1_stats(similarity: np.ndarray, q_pids, g_pids) -> dict:
 
 
 def xi_crossover(top1: np.ndarray, correct: np.ndarray) -> float:
-    """The threshold that best separates correct from wrong top-1 retrievals: the fewest correct
-    ones at or below it plus wrong ones above it (where the two histograms of Fig. 3 cross).
-    Ties go to the smallest threshold; a midpoint between neighbouring similarities is returned."""
-    s = np.asarray(top1, dtype=np.float64)
-    c = np.asarray(correct, dtype=bool)
-    if s.size == 0:
-        raise ValueError("no queries")
-    order = np.argsort(s, kind="stable")
-    s, c = s[order], c[order]
-    # threshold after position i (everything <= s[i] is "below"): errors = correct below + wrong above
-    correct_below = np.cumsum(c)
-    wrong_above = (~c).sum() - np.cumsum(~c)
-    errors = np.concatenate([[(~c).sum()], correct_below + wrong_above])  # index 0: below everything
-    best = int(np.argmin(errors))
-    if best == 0:
-        return float(s[0] - 1e-6)
-    if best == s.size:
-        return float(s[-1])
-    return float((s[best - 1] + s[best]) / 2)
+    """The Fig. 3 threshold (where the correct and wrong top-1 histograms cross): THI's own rule,
+    ``thi.threshold.choose_xi``, so the mini paper and the demo pick xi the same way."""
+    from thi.threshold import choose_xi
+    return choose_xi(top1, correct)
 
 
 def xi_of_run(run_dir: str, target: str) -> float:

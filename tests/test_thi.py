@@ -353,9 +353,10 @@ def _run(synth, client, **kw):
 def test_thi_raises_rank1_and_map_on_synthpedes(synth):
     res = _run(synth, _client(synth))
     base, final = res.base_metrics, res.rounds[-1]["metrics"]
-    # Stated margin (measured +7.6 R1 / +3.5 mAP on this split): at least +3 R1, +2 mAP.
-    assert final["R1"] >= base["R1"] + 3.0, (base, final)
-    assert final["mAP"] >= base["mAP"] + 2.0, (base, final)
+    # Measured +7.64 R1 / +3.45 mAP on this split (144 queries: one query is 0.69 R1); the
+    # similarity and the simulated MLLM are numpy-deterministic, so the bounds sit one query below.
+    assert final["R1"] >= base["R1"] + 6.9, (base, final)
+    assert final["mAP"] >= base["mAP"] + 3.0, (base, final)
     assert 0 < (res.anchors >= 0).sum() < len(res.anchors)
     assert set(res.anchor_round[res.anchors >= 0]) - {1} , "later rounds must anchor too"
     # Metrics never go down from one round to the next here, and each round reports its cost.

@@ -87,6 +87,10 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     sweep.add_argument("--lams", default="0.5,0.6,0.7,0.8,0.9")
     sweep.add_argument("--xis", default="0.4,0.45,0.5,0.55,0.6")
     sweep.add_argument("--out", help="results folder (default RUN/thi/TARGET/LABEL/sweep)")
+    for parser in (run, sweep):
+        parser.add_argument("--queries", help="JSON file of one's own text queries instead of "
+                                              "the target's test queries (e.g. a session "
+                                              "exported by `python -m thi.app`; thi/queries.py)")
     return run, sweep
 
 
@@ -201,6 +205,10 @@ def _prepare(args, default_out: str):
     model, cfg = load_run(args.run, device, checkpoint=args.checkpoint)
     score = make_score_texts(model, data["gallery_feats"], cfg.text_length, device,
                              batch_size=args.batch_size, amp=resolve_amp(cfg.get("amp"), device))
+    if getattr(args, "queries", None):
+        from .queries import apply_queries, queries_subfolder
+        data = apply_queries(data, args.queries, score)
+        default_out = os.path.join(queries_subfolder(args.queries), default_out)
     client = build_client(args.backend, **options)
     out = args.out or os.path.join(args.run, "thi", target, mllm_label(args),
                                    *([default_out] if default_out else []))

@@ -111,6 +111,56 @@ def _usable_aggr(answer: str) -> bool:
 USABLE = {"loc": _usable_loc, "vqa": _usable_vqa, "aggr": _usable_aggr}
 
 
+def loc_request(caption: str, image):
+    """Step 1's request: does ``caption`` describe ``image`` (a candidate's path)?"""
+    from utils.mllm import Request
+    from utils.mllm.prompts import loc_prompt
+
+    return Request(loc_prompt(caption), image=image)
+
+
+def vqa_request(image):
+    """Step 2's request: the 15 human-centred questions on the anchor ``image``."""
+    from utils.mllm import Request
+    from utils.mllm.prompts import vqa_prompt
+
+    return Request(vqa_prompt(), image=image)
+
+
+def aggr_request(caption: str, subtexts: Sequence[str]):
+    """Step 3's request: the original ``caption`` and the parsed VQA ``subtexts`` -> one query."""
+    from utils.mllm import Request
+    from utils.mllm.prompts import aggr_prompt
+
+    return Request(aggr_prompt(caption, list(subtexts)))
+
+
+def ask_one(client, stage: str, request, *, temperature: float = 0.01,
+            max_tokens: int = 512) -> str:
+    """One request of ``stage`` (loc, vqa, aggr), cached only when usable (``USABLE``), as
+    ``run_thi``'s stages do."""
+    extra = {"accept": USABLE[stage]} if _takes_accept(client) else {}
+    return client.generate([request], temperature=temperature, max_tokens=max_tokens,
+                           **extra)[0]
+
+
+def refine_query(client, caption: str, anchor_image, *, temperature: float = 0.01,
+                 max_tokens: int = 512) -> tuple[list, str]:
+    """Steps 2 and 3 for one query whose anchor is known: ``(subtexts, refined text)``.
+
+    The same requests and parsers as ``run_thi``; an unusable VQA answer gives ``([], "")``
+    (no aggregation asked), an unusable aggregation answer ``(subtexts, "")``.
+    """
+    from utils.mllm.parsing import parse_vqa
+
+    opts = {"temperature": temperature, "max_tokens": max_tokens}
+    subtexts = parse_vqa(ask_one(client, "vqa", vqa_request(anchor_image), **opts))
+    if not subtexts:
+        return [], ""
+    return subtexts, clean_aggregation(ask_one(client, "aggr", aggr_request(caption, subtexts),
+                                               **opts))
+
+
 class _Stage:
     """Sends one stage's requests as one batch and books calls, misses and MLLM time."""
 
@@ -219,15 +269,12 @@ class _Interaction:
 
     def localize(self, r: int, stage: _Stage) -> None:
         """Step 1: ask candidate r of the queries the schedule picks; gate new anchors."""
-        from utils.mllm import Request
         from utils.mllm.parsing import parse_yes_no
-        from utils.mllm.prompts import loc_prompt
 
         st, rec = self.state, self.state.current
         asked = np.flatnonzero(gating.ask_mask(self.ask_scheme, r, self.rounds, self.top1,
                                                self.xi, self.anchors, self.said_yes))
-        reqs = [Request(loc_prompt(self.captions[q]), image=self.image_paths[self.cands[q, r]])
-                for q in asked]
+        reqs = [loc_request(self.captions[q], self.image_paths[self.cands[q, r]]) for q in asked]
         answers = stage.ask("loc", reqs)
         parsed = [parse_yes_no(a) for a in answers]
         self.check_parsed(r, "loc", answers, [p is not None for p in parsed],
@@ -246,12 +293,10 @@ class _Interaction:
 
     def vqa(self, r: int, stage: _Stage) -> None:
         """Step 2: the 15 questions on each new anchor image, parsed into sub-sentences."""
-        from utils.mllm import Request
         from utils.mllm.parsing import parse_vqa
-        from utils.mllm.prompts import vqa_prompt
 
         st = self.state
-        reqs = [Request(vqa_prompt(), image=self.image_paths[self.anchors[q]]) for q in st.pending]
+        reqs = [vqa_request(self.image_paths[self.anchors[q]]) for q in st.pending]
         kept, answers, ok = [], stage.ask("vqa", reqs), []
         for q, answer in zip(st.pending, answers):
             subtexts = parse_vqa(answer)
@@ -265,11 +310,8 @@ class _Interaction:
 
     def aggregate(self, r: int, stage: _Stage) -> None:
         """Step 3: original query + sub-sentences -> the refined query."""
-        from utils.mllm import Request
-        from utils.mllm.prompts import aggr_prompt
-
         st = self.state
-        reqs = [Request(aggr_prompt(self.captions[q], st.subtexts[str(q)])) for q in st.pending]
+        reqs = [aggr_request(self.captions[q], st.subtexts[str(q)]) for q in st.pending]
         kept, answers, ok = [], stage.ask("aggr", reqs), []
         for q, answer in zip(st.pending, answers):
             text = clean_aggregation(answer)

@@ -41,3 +41,31 @@ def make_score_texts(model, gallery_feats: Mapping[str, np.ndarray], text_length
         return sim.float().cpu().numpy()
 
     return score_texts
+
+
+def make_score_images(model, gallery_feats: Mapping[str, np.ndarray], img_size, device,
+                      batch_size: int = 64, amp=None) -> Callable[[Sequence], np.ndarray]:
+    """``score_images(pil_images) -> [n, G]`` float32: image -> image similarity to the saved
+    gallery, the query images resized and normalised like the gallery (``img_size`` = the
+    run's [H, W]) and compared on the same rule as ``make_score_texts`` (BGE and TSE mean)."""
+    import torch
+
+    from datasets.transforms import build_transforms
+    from model.features import image_similarity
+
+    gallery = {k: torch.as_tensor(np.asarray(gallery_feats[k]), dtype=torch.float32)
+               for k in ("bge", "tse") if k in gallery_feats}
+    if "bge" not in gallery:
+        raise KeyError(f"gallery features lack 'bge' (have {sorted(gallery_feats)})")
+    num_g = gallery["bge"].shape[0]
+    transform = build_transforms(tuple(img_size), is_train=False)
+
+    def score_images(images: Sequence) -> np.ndarray:
+        images = list(images)
+        if not images:
+            return np.zeros((0, num_g), dtype=np.float32)
+        batch = torch.stack([transform(im.convert("RGB")) for im in images])
+        return image_similarity(model, batch, gallery, device, amp=amp,
+                                batch_size=batch_size).float().cpu().numpy()
+
+    return score_images
