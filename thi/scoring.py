@@ -6,6 +6,15 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 
+def _gallery_tensors(gallery_feats: Mapping[str, np.ndarray]) -> dict:
+    """The saved gallery's BGE (and TSE, when present) features as float32 tensors: both views
+    are kept so that scores follow the run's own rule (the mean of BGE and TSE)."""
+    import torch
+
+    return {k: torch.as_tensor(np.asarray(gallery_feats[k]), dtype=torch.float32)
+            for k in ("bge", "tse") if k in gallery_feats}
+
+
 def make_score_texts(model, gallery_feats: Mapping[str, np.ndarray], text_length: int, device,
                      batch_size: int = 256, amp=None) -> Callable[[Sequence[str]], np.ndarray]:
     """``score_texts(texts) -> [n, G]`` float32 for ``run_thi``.
@@ -24,8 +33,7 @@ def make_score_texts(model, gallery_feats: Mapping[str, np.ndarray], text_length
     if "bge" not in gallery_feats:
         raise KeyError(f"gallery features lack 'bge' (have {sorted(gallery_feats)}); re-run "
                        f"test.py on the target to rewrite gallery_feats.npz")
-    gallery = {k: torch.as_tensor(np.asarray(gallery_feats[k]), dtype=torch.float32)
-               for k in ("bge", "tse") if k in gallery_feats}
+    gallery = _gallery_tensors(gallery_feats)
     if "tse" in gallery and not getattr(model, "use_tse", True):
         # A BGE-only model cannot reproduce a BGE+TSE base similarity.
         raise ValueError("gallery_feats.npz has TSE features but the model has no TSE layers; "
@@ -53,8 +61,7 @@ def make_score_images(model, gallery_feats: Mapping[str, np.ndarray], img_size, 
     from datasets.transforms import build_transforms
     from model.features import image_similarity
 
-    gallery = {k: torch.as_tensor(np.asarray(gallery_feats[k]), dtype=torch.float32)
-               for k in ("bge", "tse") if k in gallery_feats}
+    gallery = _gallery_tensors(gallery_feats)
     if "bge" not in gallery:
         raise KeyError(f"gallery features lack 'bge' (have {sorted(gallery_feats)})")
     num_g = gallery["bge"].shape[0]
