@@ -137,6 +137,22 @@ MUTATIONS: list[Mutation] = [
       "gamma = rda_gamma(0, cfg.rda_gamma_start", (P_TRAIN,), "the RDA weight never decays"),
     M("train-best-by-lower-r1", "processor/trainer.py", "if r1 > history.best_r1:", "if r1 < history.best_r1:",
       ("tests/test_train.py::test_resume_is_bit_identical",), "best.pth never written / wrong epoch"),
+    # ---------------------------------------------------------------- the paper's recipe (docs/DEVIATIONS.md)
+    M("recipe-bias-rule-after-tse", "solver/__init__.py",
+      "        lr = cfg.emb_lr if cfg.emb_lr is not None else cfg.lr * cfg.lr_factor\n    if TEXT_POS_EMBED",
+      "        lr = cfg.emb_lr if cfg.emb_lr is not None else cfg.lr * cfg.lr_factor\n    if \"bias\" in name:\n"
+      "        lr = cfg.lr * cfg.bias_lr_factor\n    if TEXT_POS_EMBED", ("tests/test_recipe.py",), "TSE biases at 2e-5, not the release's 1e-3"),
+    M("recipe-no-text-pos-lr", "solver/__init__.py", "and int(cfg.text_length) != 77", "and False", ("tests/test_recipe.py",),
+      "UFine6926's 168-token position table trains at 1e-5"),
+    M("recipe-pre-skips-always", "model/__init__.py",
+      "                load[key] = resize_text_pos_embed(value, own[key].shape[0])", "                pass", ("tests/test_recipe.py",),
+      "+pre drops the checkpoint's text positions"),
+    M("recipe-rda-not-required", "processor/trainer.py", "    rda_file = require_rda_file(cfg)", "    rda_file = None",
+      ("tests/test_recipe.py",), "an ICL config silently trains plain RDE"),
+    M("recipe-train-mode-ignored", "processor/trainer.py", "net.train(cfg.train_mode == \"train\")", "net.train()",
+      ("tests/test_recipe.py",), "release_icl updates BatchNorm statistics"),
+    M("recipe-ccd-pass-ignored", "processor/trainer.py", "    if cfg.ccd_loss_pass == \"train_loader\":", "    if False:",
+      ("tests/test_recipe.py",), "the paper configs' CCD pass is the test transform"),
     # ---------------------------------------------------------------- RDA data
     M("rda-view-is-original", "datasets/bases.py", "aug_caption = draw_rda_caption(self.rda[index], rng)",
       "aug_caption = caption", ("tests/test_loaders.py",), "the RDA view is the original caption"),
