@@ -114,6 +114,34 @@ def test_tiny_icl_answers_like_the_simulated_mllm(tiny_icl, synth_dir):
     assert scores["vqa_exact"] >= 0.9 and scores["aggr_exact"] >= 0.8, scores
 
 
+def test_cache_key_follows_recipe_and_data(synth_dir, tmp_path, monkeypatch):
+    """The cached model is rebuilt when the recipe or the dataset files change, never otherwise."""
+    import shutil
+
+    from utils.mllm import tiny_icl
+
+    built = []
+
+    def fake_build(dataset_dir, out, recipe, progress=False):
+        os.makedirs(out)
+        with open(os.path.join(out, "tiny_icl.json"), "w") as f:
+            json.dump({"recipe": recipe.steps}, f)
+        built.append(recipe)
+
+    monkeypatch.setattr(tiny_icl, "build_tiny_icl", fake_build)
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data, ignore=shutil.ignore_patterns("imgs"))
+    a = tiny_icl.cached_tiny_icl(data, tmp_path / "cache")
+    assert tiny_icl.cached_tiny_icl(data, tmp_path / "cache") == a and len(built) == 1
+    b = tiny_icl.cached_tiny_icl(data, tmp_path / "cache", tiny_icl.Recipe(steps=7))
+    assert b != a and len(built) == 2
+    with open(data / "attributes.json", "a") as f:
+        f.write(" ")
+    c = tiny_icl.cached_tiny_icl(data, tmp_path / "cache")
+    assert c not in (a, b) and len(built) == 3
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([a.name, b.name, c.name])
+
+
 # --- vLLM -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def engine(tiny_icl, tmp_path_factory):
@@ -164,31 +192,56 @@ def icl_adapter(tiny_icl, rde_run, tmp_path_factory):
     return {"dir": str(adapter), "log": text}
 
 
+def docs_cpu_serve_command() -> tuple[dict, list[str]]:
+    """(environment, argv) of the CPU ``vllm serve`` block of docs/THI.md."""
+    import re
+    import shlex
+
+    with open(os.path.join(REPO, "docs", "THI.md"), encoding="utf-8") as f:
+        text = f.read()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    block = next(b for b in blocks if ".venv-vllm/bin/vllm serve" in b)
+    words = shlex.split(block.replace("\\\n", " "), comments=True)
+    env = {}
+    while "=" in words[0] and not words[0].startswith("-"):
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    return env, words
+
+
 @pytest.fixture(scope="module")
 def server(tiny_icl, request, tmp_path_factory):
-    """``vllm serve`` of the tiny model (name ``tiny-icl``) and, when LLaMA-Factory is there,
-    the LoRA as module ``icl``; CPU flags as docs/THI.md gives them."""
+    """The CPU ``vllm serve`` command of docs/THI.md, with the tiny model as ``tiny-icl`` (and,
+    when LLaMA-Factory is there, its LoRA as module ``icl``), on a free port of 127.0.0.1."""
     pytest.importorskip("vllm", reason="run with .venv-vllm/bin/python -m pytest -m vllm")
     from test_mllm_servers import free_port, start_server
-    from utils.mllm.hf_backend import processor_size
 
     try:
         adapter = request.getfixturevalue("icl_adapter")["dir"]
     except pytest.skip.Exception:
         adapter = None
-    exe = os.path.join(os.path.dirname(sys.executable), "vllm")
+    env, argv = docs_cpu_serve_command()
+    assert argv[0] == ".venv-vllm/bin/vllm" and argv[1] == "serve", argv
+    assert "--gpu-memory-utilization" not in argv and "VLLM_CPU_KVCACHE_SPACE" in env
+    opts, i = {}, 3
+    while i < len(argv):
+        opts[argv[i]] = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
+        i += 2 if opts[argv[i]] is not None else 1
     port = free_port()
-    cmd = [exe, "serve", tiny_icl, "--served-model-name", SERVED, "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--enforce-eager",
-           "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "64",
-           "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}),
-           "--mm-processor-kwargs", json.dumps({"size": processor_size(50176)})]
+    opts.update({"--served-model-name": SERVED, "--port": str(port), "--host": "127.0.0.1",
+                 "--max-model-len": str(MAX_MODEL_LEN), "--max-num-seqs": "64"})
     if adapter:
-        cmd += ["--enable-lora", "--max-lora-rank", "8", "--lora-modules", f"icl={adapter}"]
+        opts.update({"--lora-modules": f"icl={adapter}", "--max-lora-rank": "8"})
+    else:
+        for k in ("--enable-lora", "--lora-modules", "--max-lora-rank"):
+            opts.pop(k)
+    cmd = [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", tiny_icl]
+    for k, v in opts.items():
+        cmd += [k] if v is None else [k, v]
+    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")  # 1 GiB is plenty here
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    start_server(cmd, port, log, {"HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1",
-                                  "VLLM_CPU_KVCACHE_SPACE": "1"}, request)
-    return {"url": f"http://127.0.0.1:{port}/v1", "adapter": adapter, "log": log}
+    start_server(cmd, port, log, env, request)
+    return {"url": f"http://127.0.0.1:{port}/v1", "adapter": adapter, "log": log, "cmd": cmd}
 
 
 def _check_thi(result, teacher, num_q):

@@ -1,7 +1,7 @@
 """A tiny Qwen2-VL trained to answer ICL's prompts about one SynthPEDES folder, for CI and demos.
 
 A random tiny Qwen2-VL (``tiny_qwen2vl``) never answers "Yes", so THI would find no anchor and
-never reach VQA, aggregation or re-ranking. This module fine-tunes one (all weights, plain
+never reach VQA, aggregation or re-ranking. This module fine-tunes one (its language model, plain
 transformers, CPU) on the answers of the simulated MLLM (``simulated.py``, which reads the
 dataset's attribute sidecar), with the exact prompts of ``prompts.py``:
 
@@ -12,11 +12,16 @@ dataset's attribute sidecar), with the exact prompts of ``prompts.py``:
 - for ``python -m rda generate --limit N``: aggregation of the first N training captions with
   their own image, decomposition (T_DEC) and rewriting (T_RWT) of the results.
 
-**It memorises a small fixed gallery**: it answers like the teacher on the pairs it was trained
-on (the test folds of the CI fixtures), and only plausibly elsewhere. Its tokenizer is trained on
-the same texts with pieces split at sentence and list boundaries, so whole phrases ("The person
-is female.") are single tokens: answers are a few dozen tokens and a model of ~1M parameters
-learns them in about a minute on 2 CPU cores.
+**It memorises a small fixed gallery, plainly**: it answers like the teacher on the prompts it
+was trained on (the test split of the CI fixtures' SynthPEDES) and only plausibly elsewhere. Its
+BPE tokenizer is trained on the same texts, split only at paragraph breaks and at the list
+punctuation of the aggregation prompt, with a vocabulary large enough that every piece becomes
+one token: a caption, each sub-text, and each whole answer ("1. The person is female.\n2. ...").
+The model then answers in one token plus end-of-turn, so learning the task is classification:
+Yes/No from the image tokens and the caption token, one of the gallery's VQA answers from the
+image tokens, one aggregation from the caption and sub-text tokens. The vision tower keeps its
+random weights (frozen; a random projection of each 28 x 28 patch tells the gallery's images
+apart); the language model (~1M parameters) learns in a few minutes on 2 CPU cores.
 
     python -m utils.mllm.tiny_icl DATASET_DIR OUT [--split test] [--rda-pairs 16] [--steps N]
 
@@ -39,9 +44,15 @@ from typing import Optional
 from .base import DEFAULT_PIXELS, Request
 
 BUILDER_VERSION = 1
-# Pieces isolated before BPE: newlines, VQA line numbers, sentence ends, list punctuation and
-# commas. BPE then merges freely (across spaces) inside what lies between them.
-SPLIT_PATTERN = r"\n+|\d{1,2}\. |\.', '|', '|\['|\.'\]|'\]|\. |, |\.$"
+# Pieces isolated before BPE: paragraph breaks and the punctuation of a Python list literal (the
+# aggregation prompt's sub-texts). BPE then merges freely inside what lies between them, and
+# with a vocabulary large enough it merges every piece of the training texts into one token:
+# a prompt's caption, each sub-text, and each whole answer.
+SPLIT_PATTERN = r"\n\n|['\"], ['\"]|\[['\"]|['\"]\]"
+
+
+# Share of the training batches per kind of example (each batch holds one kind).
+KIND_WEIGHTS = {"loc": 3.0, "vqa": 2.0, "aggr": 3.0, "dec": 1.0, "rwt": 1.0}
 
 
 @dataclass(frozen=True)
@@ -52,7 +63,7 @@ class Recipe:
     loc_negatives: int = 16      # per caption: its hardest "No" images (most attributes shared)
     rda_pairs: int = 16          # first training pairs (whole records) it learns RDA for
     rewrites: int = 2            # m of the RDA rewriting prompts it learns
-    vocab_size: int = 6144
+    vocab_size: int = 32768      # an upper bound: BPE stops when every piece is one token
     hidden: int = 128
     layers: int = 2
     intermediate: int = 256
@@ -252,7 +263,7 @@ def _batches(encoded: list[dict], batch_size: int, rng: random.Random):
         by_kind.setdefault(it["kind"], []).append(it)
     pools = {k: [] for k in by_kind}
     kinds = sorted(by_kind)
-    weights = [len(by_kind[k]) ** 0.5 for k in kinds]  # small kinds get seen often enough
+    weights = [KIND_WEIGHTS.get(k, 1.0) for k in kinds]
     while True:
         kind = rng.choices(kinds, weights)[0]
         pool = pools[kind]
