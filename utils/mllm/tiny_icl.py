@@ -14,12 +14,12 @@ dataset's attribute sidecar), with the exact prompts of ``prompts.py``:
 
 **It memorises a small fixed gallery, plainly**: it answers like the teacher on the prompts it
 was trained on (the test split of the CI fixtures' SynthPEDES) and only plausibly elsewhere. Its
-BPE tokenizer is trained on the same texts, split only at paragraph breaks and at the list
-punctuation of the aggregation prompt, with a vocabulary large enough that every piece becomes
-one token: a caption, each sub-text, and each whole answer ("1. The person is female.\n2. ...").
-The model then answers in one token plus end-of-turn, so learning the task is classification:
-Yes/No from the image tokens and the caption token, one of the gallery's VQA answers from the
-image tokens, one aggregation from the caption and sub-text tokens. The vision tower keeps its
+BPE tokenizer is trained on the same texts, split only at paragraph breaks, with a vocabulary
+large enough that every piece becomes one token: a caption line, an aggregation prompt's list
+of sub-texts, and each whole answer ("1. The person is female.\n2. ..."). The model then answers
+in one token plus end-of-turn, so learning the task is classification: Yes/No from the image
+tokens and the caption token, one of the gallery's VQA answers from the image tokens, one
+aggregation from the sub-text token. The vision tower keeps its
 random weights (frozen; a random projection of each 28 x 28 patch tells the gallery's images
 apart); the language model (~1M parameters) learns in a few minutes on 2 CPU cores.
 
@@ -44,15 +44,14 @@ from typing import Optional
 from .base import DEFAULT_PIXELS, Request
 
 BUILDER_VERSION = 1
-# Pieces isolated before BPE: paragraph breaks and the punctuation of a Python list literal (the
-# aggregation prompt's sub-texts). BPE then merges freely inside what lies between them, and
-# with a vocabulary large enough it merges every piece of the training texts into one token:
-# a prompt's caption, each sub-text, and each whole answer.
-SPLIT_PATTERN = r"\n\n|['\"], ['\"]|\[['\"]|['\"]\]"
+# BPE pieces end at paragraph breaks; with a vocabulary large enough, BPE merges every piece of
+# the training texts into one token: the prompt's caption line, the aggregation prompt's list of
+# sub-texts, each whole answer. The model then answers in one token (see the module doc).
+SPLIT_PATTERN = r"\n\n"
 
 
 # Share of the training batches per kind of example (each batch holds one kind).
-KIND_WEIGHTS = {"loc": 3.0, "vqa": 2.0, "aggr": 3.0, "dec": 1.0, "rwt": 1.0}
+KIND_WEIGHTS = {"loc": 4.0, "vqa": 3.0, "aggr": 2.0, "dec": 0.5, "rwt": 0.5}
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ class Recipe:
     """Everything that decides the built model besides the dataset files."""
 
     split: str = "test"          # the split whose caption x image pairs it learns (THI's gallery)
-    loc_negatives: int = 16      # per caption: its hardest "No" images (most attributes shared)
+    loc_negatives: int = 4       # per caption: its hardest "No" images (most attributes shared)
     rda_pairs: int = 16          # first training pairs (whole records) it learns RDA for
     rewrites: int = 2            # m of the RDA rewriting prompts it learns
     vocab_size: int = 32768      # an upper bound: BPE stops when every piece is one token
@@ -69,7 +68,7 @@ class Recipe:
     intermediate: int = 256
     pixels: int = DEFAULT_PIXELS  # client pixel budget the images are resized to (min = max)
     steps: int = 600
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 3e-3
     seed: int = 0
 

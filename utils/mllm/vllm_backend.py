@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 from typing import Sequence
 
@@ -33,6 +34,17 @@ INSTALL_HINT = ("install it: on a CUDA GPU machine `pip install vllm` into this 
 MERGE_HINT = ("merge the adapter into the base model first (`llamafactory-cli export` with "
               "adapter_name_or_path and export_dir) and pass the merged folder as model, "
               "without lora")
+
+
+# vLLM 0.3x logs this once at the first LoRA request of every engine, whatever the adapter folder
+# holds: with or without the tokenizer files LLaMA-Factory saves next to the adapter (checked with
+# a bare PEFT adapter). We always use the base model's tokenizer, which is what it recommends.
+_LORA_TOKENIZER_NOTICE = "deprecated support for supporting different tokenizers for different LoRAs"
+
+
+class _DropLoraTokenizerNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _LORA_TOKENIZER_NOTICE not in record.getMessage()
 
 
 def lora_rank(adapter_dir) -> int:
@@ -131,6 +143,9 @@ class VLLMClient(BaseClient):
         if self.lora_dir is None or not use_lora:
             return None
         from vllm.lora.request import LoRARequest
+        notice = logging.getLogger("vllm.v1.engine.input_processor")
+        if not any(isinstance(f, _DropLoraTokenizerNotice) for f in notice.filters):
+            notice.addFilter(_DropLoraTokenizerNotice())
         return LoRARequest("adapter", 1, str(self.lora_dir))
 
     def _chats(self, requests: Sequence[Request]) -> list[list[dict]]:
