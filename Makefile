@@ -45,3 +45,8 @@ bench: venv
 
 clean-demo:
 	rm -rf work
+
+# The mini paper: every table and figure of `python -m repro` on SynthPEDES, written to docs/results/
+.PHONY: reproduce-mini
+reproduce-mini: venv
+	$(PY) -m repro all --world mini --out docs/results

@@ -11,6 +11,9 @@
 #   bash run_vllm_ICL.sh ... --simulated                     # SynthPEDES, no GPU, no model
 #   bash run_vllm_ICL.sh ... -- --rounds 3 --out results/x   # anything after -- goes to python -m thi
 #
+# Results go to RUN/thi/TARGET/LABEL/, LABEL naming the backend and model (vllm-<model>[+<lora>],
+# openai-<served model>, simulated): runs of different MLLMs never share a folder.
+#
 # Every setting below can also be given as an environment variable of the same name.
 set -euo pipefail
 
@@ -31,7 +34,7 @@ BACKEND=${BACKEND:-}                # empty = openai with SERVER, else vllm
 DEVICE=${DEVICE:-auto}              # device re-encoding refined queries
 PY=${PYTHON:-python}
 
-usage() { sed -n '2,14p' "$0"; exit "${1:-0}"; }
+usage() { sed -n '2,17p' "$0"; exit "${1:-0}"; }
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in

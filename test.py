@@ -26,21 +26,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-workers", type=int)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides for --weights")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # flags and key=value overrides in any order
 
     from processor.evaluate import evaluate_run
     from utils.logger import setup_logger
 
     if args.weights:
         from utils.config import load_config, save_config
+        trained = [f for f in ("last.pth", "metrics.json") if os.path.exists(os.path.join(args.run_dir, f))]
+        if trained:  # config.yaml and best.pth of a training run would be overwritten
+            ap.error(f"{args.run_dir} holds a run trained by train.py ({', '.join(trained)}); --weights would "
+                     "overwrite its config.yaml and best.pth. Pass a new folder for the external checkpoint")
         cfg = load_config(args.config, args.overrides)
         os.makedirs(args.run_dir, exist_ok=True)
         save_config(cfg, os.path.join(args.run_dir, "config.yaml"))
         target = os.path.join(args.run_dir, args.checkpoint)
         if os.path.abspath(args.weights) != os.path.abspath(target):
             shutil.copyfile(args.weights, target)
-    if not os.path.isdir(args.run_dir):
-        ap.error(f"{args.run_dir} is not a directory: pass a run directory written by train.py")
+    from utils.run_dir import RunDirError, require_run_dir
+    try:  # before the log file: nothing is written into a folder that is not a run
+        require_run_dir(args.run_dir, args.checkpoint)
+    except RunDirError as err:
+        ap.error(str(err))
     setup_logger("ICL", os.path.join(args.run_dir, "test.log"))
     evaluate_run(args.run_dir, dataset=args.dataset, root=args.root, checkpoint=args.checkpoint,
                  device=args.device, batch_size=args.batch_size, num_workers=args.num_workers,

@@ -17,10 +17,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", help="run directory (default: <output_dir>/<name>)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     ap.add_argument("overrides", nargs="*", help="key=value settings that override the config")
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    args = ap.parse_intermixed_args(argv)  # flags and key=value overrides in any order
+    from utils.run_dir import RunDirError
+    try:
+        cfg = load_config(args.config, args.overrides)  # types checked here, before anything is written
+    except (ValueError, KeyError, FileNotFoundError) as err:  # ConfigError is a ValueError
+        ap.error(str(err).strip('"'))
     from processor.trainer import train
-    train(cfg, args.run_dir, progress=not args.no_progress)
+    try:
+        train(cfg, args.run_dir, progress=not args.no_progress)
+    except RunDirError as err:  # a refusal with its fix: no traceback
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -67,7 +67,7 @@ class BaseDataset:
         self.val, self.val_id_container = self._build_eval(by_split["val"])
         self.test, self.test_id_container = self._build_eval(by_split["test"])
         if check_images:
-            self._check_images()
+            self._check_images({self._image_path(r[self.path_field]): i for i, r in enumerate(records)})
         logger.info("%s loaded from %s\n%s", self.name, self.anno_path, self.summary())
 
     # ------------------------------------------------------------------ files
@@ -107,7 +107,12 @@ class BaseDataset:
         train: list[TrainItem] = []
         rda: list[SubSentences] = []
         missing_rda = 0
-        for image_id, (_, record) in enumerate(items):
+        for image_id, (index, record) in enumerate(items):
+            for k, caption in enumerate(record["captions"]):
+                if not caption.strip():
+                    # An empty text would train as a real caption (SOT/EOT only) matched to this image.
+                    raise _bad(self.anno_path, index, f"captions[{k}]",
+                               "is empty in a train record; remove it (or the record) or write the caption")
             pid = pid_of[int(record["id"])]
             img_path = self._image_path(record[self.path_field])
             subs = record.get("diversity_captions")
@@ -135,12 +140,14 @@ class BaseDataset:
                 split["captions"].append(caption)
         return split, set(split["image_pids"])
 
-    def _check_images(self) -> None:
+    def _check_images(self, record_of: dict[str, int] | None = None) -> None:
         paths = sorted({p for _, _, p, _ in self.train} | set(self.val["img_paths"])
                        | set(self.test["img_paths"]))
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            shown = "\n  ".join(missing[:_MAX_REPORTED])
+            record_of = record_of or {}
+            shown = "\n  ".join(p + (f" (record {record_of[p]})" if p in record_of else "")
+                                 for p in missing[:_MAX_REPORTED])
             more = f"\n  ... and {len(missing) - _MAX_REPORTED} more" if len(missing) > _MAX_REPORTED else ""
             raise FileNotFoundError(
                 f"{self.name}: {len(missing)} of {len(paths)} images referenced by {self.anno_path} are "
@@ -161,6 +168,20 @@ class BaseDataset:
         if name not in ("val", "test"):
             raise ValueError(f"split must be 'val' or 'test', got {name!r}")
         return self.val if name == "val" else self.test
+
+    def require_split(self, name: str, purpose: str) -> None:
+        """Raise naming the annotation file unless split ``name`` has images and captions."""
+        if name == "train":
+            images, captions = self.num_images["train"], len(self.train)
+        else:
+            split = self.split(name)
+            images, captions = len(split["img_paths"]), len(split["captions"])
+        if images == 0 or captions == 0:
+            present = ", ".join(f"{s} ({n} images)" for s, n in self.num_images.items() if n) or "none"
+            raise ValueError(
+                f"{self.anno_path}: the '{name}' split ({purpose}) is empty ({images} images, {captions} "
+                f"captions); records with \"split\": \"{name}\" are needed. Splits present: {present}"
+                + (". Evaluate on another split with val_dataset=val|test" if name != "train" else ""))
 
 
 # ---------------------------------------------------------------------- validation

@@ -100,6 +100,9 @@ def build_dataloader(cfg: Any) -> Loaders:
     noisy_file, seed, rda, val_dataset``.
     """
     dataset = _dataset_from_cfg(cfg)
+    # Before any training: a missing split would otherwise fail after a whole epoch.
+    dataset.require_split("train", "training")
+    dataset.require_split(_get(cfg, "val_dataset", "test"), "evaluated during training, val_dataset")
     seed = int(_get(cfg, "seed", 0))
     train = dataset.train
     rda = dataset.train_rda
@@ -149,6 +152,7 @@ def build_eval_loaders(cfg: Any, split: str = "test") -> tuple[DataLoader, DataL
     target dataset.
     """
     dataset = _dataset_from_cfg(cfg)
+    dataset.require_split(split, "evaluated")
     split_dict = dataset.split(split)
     img, txt = _eval_loaders(split_dict, cfg)
     return img, txt, split_dict

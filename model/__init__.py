@@ -41,9 +41,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model weights in a checkpoint file: ours (``{"model": sd, ...}``), the RDE/IRRA
     releases' (``{"model": sd}``, possibly fp16 and with DDP's ``module.`` prefix) or a bare
     state dict; tensors returned in float32."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    obj: Any = torch.load(path, map_location="cpu", weights_only=False)
+    from utils.io import torch_load  # errors name the file (a truncated copy, a wrong file)
+
+    obj: Any = torch_load(path, weights_only=False)
     sd = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else obj
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise ValueError(f"{path}: no state dict found (expected a dict of tensors or {{'model': ...}})")

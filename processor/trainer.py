@@ -20,8 +20,9 @@ from processor.evaluate import evaluate
 from solver import build_optimizer, build_scheduler
 from utils.config import Config, save_config
 from utils.device import autocast, resolve_amp, resolve_device
-from utils.io import atomic_save_npz, atomic_torch_save, atomic_write_json
+from utils.io import atomic_save_npz, atomic_torch_save, atomic_write_json, torch_load
 from utils.logger import setup_logger
+from utils.run_dir import start_train_run
 
 
 def set_seed(seed: int) -> None:
@@ -140,8 +141,12 @@ def train(cfg: Config, run_dir: str | None = None, *, progress: bool = True,
     cfg.distributed = world > 1
     amp = resolve_amp(cfg.amp, device)
     run_dir = run_dir or os.path.join(cfg.output_dir, cfg.name)
+    notes = start_train_run(cfg, run_dir, rank)  # refuses before anything is written
+    D.barrier()  # every rank checked before rank 0 writes config.yaml
     os.makedirs(run_dir, exist_ok=True)
     logger = setup_logger("ICL", os.path.join(run_dir, "train.log"), rank)
+    for note in notes:
+        logger.info(note)
     set_seed(cfg.seed + rank)
 
     loaders = build_dataloader(cfg)
@@ -168,7 +173,7 @@ def train(cfg: Config, run_dir: str | None = None, *, progress: bool = True,
     start_epoch = 1
     last_path = os.path.join(run_dir, "last.pth")
     if cfg.resume and os.path.isfile(last_path):
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
+        ckpt = torch_load(last_path, weights_only=False)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -181,7 +186,9 @@ def train(cfg: Config, run_dir: str | None = None, *, progress: bool = True,
     tb = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(log_dir=os.path.join(run_dir, "tb"))
+        # One stream per run: a resume writes to the same folder and purges the steps it redoes
+        # (an epoch logged before a kill but not checkpointed would otherwise appear twice).
+        tb = SummaryWriter(log_dir=os.path.join(run_dir, "tb"), purge_step=start_epoch)
 
     for epoch in range(start_epoch, cfg.num_epoch + 1):
         t0 = time.time()

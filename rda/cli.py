@@ -22,9 +22,16 @@ def _client_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--backend", required=True, choices=BACKENDS, help="MLLM backend")
     ap.add_argument("--model", help="MLLM directory (vllm, transformers), e.g. Qwen2-VL-7B-Instruct")
     ap.add_argument("--lora", help="LoRA adapter directory (vllm, transformers)")
-    ap.add_argument("--dtype", help="vllm/transformers weight dtype (default: the backend's)")
+    ap.add_argument("--dtype", help="vllm/transformers weight dtype (default float32 without a "
+                                    "CUDA GPU, else the backend's)")
     ap.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
     ap.add_argument("--served-model", help="model name on the server (openai backend)")
+    ap.add_argument("--concurrency", type=int, default=8,
+                    help="openai backend: requests in flight (the server batches them)")
+    ap.add_argument("--micro-batch", type=int, help="requests per MLLM call, cached before the "
+                    "next (default: the backend's; openai caches each answer as it arrives)")
+    ap.add_argument("--no-retry-unusable", action="store_true",
+                    help="reuse cached empty or unparseable answers instead of asking again")
     ap.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs for vLLM")
     ap.add_argument("--attributes", help="simulated backend: SynthPEDES attributes.json "
                                          "(default ROOT/DATASET/attributes.json)")
@@ -40,15 +47,28 @@ def client_options(args, dataset_dir: str, cache_dir: str) -> dict:
             raise SystemExit(f"--backend {args.backend} needs {flag}")
         return value
 
+    common: dict = {"cache_dir": cache_dir}
+    if getattr(args, "micro_batch", None) is not None:
+        if args.micro_batch < 1:
+            raise SystemExit(f"--micro-batch must be >= 1, got {args.micro_batch}")
+        common["max_batch"] = args.micro_batch
+    if getattr(args, "no_retry_unusable", False):
+        common["retry_unusable"] = False
     if args.backend == "simulated":
         return {"attributes": args.attributes or os.path.join(dataset_dir, "attributes.json"),
-                "error_rate": args.error_rate, "seed": args.seed, "cache_dir": cache_dir}
+                "error_rate": args.error_rate, "seed": args.seed, **common}
     if args.backend == "openai":
+        if args.concurrency < 1:
+            raise SystemExit(f"--concurrency must be >= 1, got {args.concurrency}")
         return {"base_url": need("--base-url", args.base_url),
-                "model": need("--served-model", args.served_model), "cache_dir": cache_dir}
-    opts = {"model": need("--model", args.model), "cache_dir": cache_dir}
-    if args.dtype:
-        opts["dtype"] = args.dtype
+                "model": need("--served-model", args.served_model),
+                "concurrency": args.concurrency, **common}
+    from utils.mllm import default_dtype
+
+    opts = {"model": need("--model", args.model), **common}
+    dtype = default_dtype(args.backend, args.dtype)
+    if dtype:
+        opts["dtype"] = dtype
     if args.backend == "vllm":
         opts["tensor_parallel_size"] = args.tensor_parallel_size
         if args.lora:
@@ -178,6 +198,8 @@ def run_sft(args) -> int:
 
 def main(argv: Optional[list] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # The openai SDK's HTTP client logs every request at INFO: thousands of lines per stage.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     return run_generate(args) if args.command == "generate" else run_sft(args)
 

@@ -1,5 +1,12 @@
-"""Filters for RDA's text pieces (sub-sentences and rewrites): drop empty, duplicated and
-uninformative ("not visible", "cannot be determined") pieces, and tidy the rest.
+"""Filters for RDA's text pieces (sub-sentences and rewrites): drop empty, duplicated,
+uninformative ("not visible", "cannot be determined") and gibberish pieces, and tidy the rest;
+and the tests of whole answers (:func:`looks_like_vqa_reply`, :func:`looks_like_sentences`).
+
+Gibberish: a broken or random model (or a server answering something else) returns text that
+parses as lines but is no English: letter salad, token soup, markup. A piece is kept only when
+most of its tokens are word-shaped (letters, a vowel, at most 20 letters) and, from three words
+on, at least one of them is a common English word (:data:`COMMON_WORDS`: function words and the
+vocabulary of person descriptions), which every real description sentence has.
 
 The counters are kept by the caller (:class:`FilterCounts`) so the run summary can say how much
 each rule removed.
@@ -22,6 +29,21 @@ _UNINFORMATIVE = re.compile(
 _SPACES = re.compile(r"\s+")
 _NORM_DROP = re.compile(r"[^a-z0-9 ]+")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_WORD_SHAPE = re.compile(r"[A-Za-z]{1,20}(?:['’-][A-Za-z]{1,20})*")
+_VOWEL = re.compile(r"[aeiouyAEIOUY]")
+_STRIP = ".,;:!?()[]{}\"'“”‘’*_`#/"
+COMMON_WORDS = frozenset("""
+a an the this that these those his her he she him it its they them their there here one some
+is are was were be been being has have had does do did wears wearing worn wear carries carrying
+carry holds holding hold seems appears looks walking standing sitting riding
+and or but with without of in on at to from by for over under near behind into while also
+no not yes very light dark long short pair large small both only other
+person man woman men women boy girl lady guy people male female
+hair shirt t-shirt top jacket coat sweater hoodie dress skirt pants trousers jeans shorts shoes
+sneakers boots sandals bag backpack handbag hat cap glasses sunglasses scarf belt sleeves
+sleeve sleeved collar stripes striped pattern patterns logo color colored colour background
+black white red blue green yellow gray grey brown pink purple orange beige navy khaki
+""".split())
 
 
 @dataclass
@@ -33,11 +55,13 @@ class FilterCounts:
     duplicate: int = 0
     not_visible: int = 0
     too_short: int = 0
+    gibberish: int = 0
 
     def as_dict(self) -> dict:
         """The counters as a plain dict (for the summary)."""
         return {"kept": self.kept, "empty": self.empty, "duplicate": self.duplicate,
-                "not_visible": self.not_visible, "too_short": self.too_short}
+                "not_visible": self.not_visible, "too_short": self.too_short,
+                "gibberish": self.gibberish}
 
 
 def normalize(text: str) -> str:
@@ -59,11 +83,38 @@ def is_uninformative(text: str) -> bool:
     return bool(_UNINFORMATIVE.search(text))
 
 
+def looks_like_english(text: str) -> bool:
+    """True when ``text`` reads as English words (see the module docstring), False for
+    gibberish."""
+    tokens = [t.strip(_STRIP) for t in text.split()]
+    tokens = [t for t in tokens if t]
+    if not tokens:
+        return False
+    shaped = sum(bool(_WORD_SHAPE.fullmatch(t) and _VOWEL.search(t)) for t in tokens)
+    if shaped < 0.8 * len(tokens):
+        return False
+    if len(tokens) < 3:
+        return True  # "Female.", "Black backpack.": VQA answers may be one or two words
+    return any(t.lower() in COMMON_WORDS for t in tokens)
+
+
+def looks_like_vqa_reply(parsed: list[str]) -> bool:
+    """A VQA answer parsed into sub-sentences (``parse_vqa``) is a reply when it has any and
+    most of them read as English."""
+    return bool(parsed) and sum(map(looks_like_english, parsed)) * 2 > len(parsed)
+
+
+def looks_like_sentences(lines: list[str]) -> bool:
+    """A decomposition or rewriting answer parsed into lines is a sentence set when it has
+    any and most of them read as English."""
+    return looks_like_vqa_reply(lines)
+
+
 def clean_pieces(pieces: list[str], counts: FilterCounts, *, exclude: tuple[str, ...] = (),
                  min_words: int = 1) -> list[str]:
-    """Tidy ``pieces`` and drop empty ones, ones under ``min_words`` words, uninformative ones
-    and duplicates (of each other or of anything in ``exclude``, compared by :func:`normalize`);
-    order is kept."""
+    """Tidy ``pieces`` and drop empty ones, ones under ``min_words`` words, gibberish,
+    uninformative ones and duplicates (of each other or of anything in ``exclude``, compared by
+    :func:`normalize`); order is kept."""
     seen = {normalize(x) for x in exclude}
     out = []
     for piece in pieces:
@@ -73,6 +124,8 @@ def clean_pieces(pieces: list[str], counts: FilterCounts, *, exclude: tuple[str,
             counts.empty += 1
         elif len(key.split()) < min_words:
             counts.too_short += 1
+        elif not looks_like_english(s):
+            counts.gibberish += 1
         elif is_uninformative(s):
             counts.not_visible += 1
         elif key in seen:

@@ -11,10 +11,17 @@ For every training pair (image, caption):
 The result per caption is ``diversity_captions[i]``: a list of sub-sentences, each a list of
 strings (the sub-sentence first, then its distinct rewrites), the layout the ICL authors released.
 
-Resume: every stage keeps its raw answers in an append-only log under ``<out>.state/``, keyed by
-the stage's input (image path, caption, text), and asks the client only for keys it lacks. Parsing
-and filtering run again from the raw answers each time, so a killed run resumes without repeating
-a single request and ends with the same file as an uninterrupted one.
+Resume: every stage keeps its usable raw answers in an append-only log under ``<out>.state/``,
+keyed by the stage's input (image path, caption, text), and asks the client only for keys it
+lacks; the client's own cache (``<out>.state/mllm_cache`` by default) holds every usable answer as
+soon as its micro-batch returns, so a kill loses at most one micro-batch. Parsing and filtering
+run again from the raw answers each time, so a killed run ends with the same file as an
+uninterrupted one.
+
+Unusable answers (empty, unparseable, or not looking like a VQA reply, a sentence or a sentence
+set: see ``filters``) are counted in ``parse_failures``, never become ``diversity_captions`` (the
+caption falls back to its own sentences), are not kept, and are asked again by the next run; a
+stage with mostly unusable answers is a loud warning in the log and in the summary.
 """
 from __future__ import annotations
 
@@ -29,7 +36,8 @@ from utils.mllm import Request
 from utils.mllm.parsing import parse_lines, parse_vqa
 from utils.mllm.prompts import PROMPT_VERSION, aggr_prompt, dec_prompt, rwt_prompt, vqa_prompt
 
-from .filters import FilterCounts, clean_pieces, split_sentences
+from .filters import (FilterCounts, clean_pieces, looks_like_english, looks_like_sentences,
+                      looks_like_vqa_reply, split_sentences)
 from .store import AnswerLog, atomic_write_json
 
 log = logging.getLogger("rda")
@@ -39,6 +47,8 @@ STATE_FORMAT = 1
 # Decomposed sub-sentences and rewrites are full sentences ("He is male." has 3 words); shorter
 # pieces are list residue or truncated answers. VQA answers may be one word ("Female.").
 MIN_WORDS = 3
+# A stage whose answers are unusable more often than this is a loud warning.
+MOSTLY_UNUSABLE = 0.5
 IMAGE_KEYS = ("file_path", "img_path")  # CUHK-PEDES/ICFG-PEDES/UFine6926 vs RSTPReid
 
 
@@ -82,6 +92,7 @@ class RDASummary:
     sub_sentences_per_caption: dict = field(default_factory=dict)
     rewrites_kept: dict = field(default_factory=dict)
     filtered: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -110,14 +121,16 @@ class RDAGenerator:
             self._check_state_meta(state_dir)
         self.logs = {s: AnswerLog(None if state_dir is None else os.path.join(state_dir, f"{s}.jsonl"))
                      for s in STAGES}
+        # This run's unusable answers: parsed (as failures) but never logged, so asked again.
+        self.unusable: dict = {s: {} for s in STAGES}
         self.summary = RDASummary(rewrites_requested=self.m)
 
     # --- state ---------------------------------------------------------------------------
     def _meta(self) -> dict:
-        identity = self.client.identity() if callable(getattr(self.client, "identity", None)) else None
+        from utils.mllm.identity import identity_info
         return {"format": STATE_FORMAT, "prompt_version": PROMPT_VERSION,
                 "temperature": self.temperature, "max_tokens": self.max_tokens,
-                "client": identity}
+                "client": identity_info(self.client)}
 
     def _check_state_meta(self, state_dir: str) -> None:
         """Refuse to mix answers of another model, prompt version or sampling setting."""
@@ -136,12 +149,21 @@ class RDAGenerator:
             atomic_write_json(path, meta, indent=2)
 
     # --- one stage -----------------------------------------------------------------------
-    def _run_stage(self, stage: str, keys: Sequence[str], make_request: Callable[[str], Request]) -> None:
-        """Ask the client for every key of ``stage`` not yet answered, in chunks of whole batches;
-        each chunk's answers are persisted before the next chunk is sent."""
+    def _run_stage(self, stage: str, keys: Sequence[str], make_request: Callable[[str], Request],
+                   accept: Callable[[str], bool]) -> None:
+        """Ask the client for every key of ``stage`` not yet answered, in chunks; each chunk's
+        usable answers (``accept``) are persisted before the next chunk is sent."""
         answers = self.logs[stage]
+        import inspect
+        try:
+            params = inspect.signature(self.client.generate).parameters
+            extra = ({"accept": accept} if "accept" in params
+                     or any(p.kind is p.VAR_KEYWORD for p in params.values()) else {})
+        except (TypeError, ValueError):
+            extra = {}
         unique = list(dict.fromkeys(keys))
         pending = [k for k in unique if k not in answers]
+        self.unusable[stage] = {}
         self.summary.requests[stage] = len(unique)
         self.summary.requests_this_run[stage] = len(pending)
         if not pending:
@@ -152,14 +174,35 @@ class RDAGenerator:
             for start in range(0, len(pending), self.chunk_size):
                 chunk = pending[start:start + self.chunk_size]
                 outs = self.client.generate([make_request(k) for k in chunk],
-                                            temperature=self.temperature, max_tokens=self.max_tokens)
+                                            temperature=self.temperature, max_tokens=self.max_tokens,
+                                            **extra)
                 if len(outs) != len(chunk):
                     raise RuntimeError(f"MLLM client returned {len(outs)} answers for {len(chunk)} "
                                        f"{stage} requests")
-                answers.add_many(zip(chunk, outs))
+                good = [(k, a) for k, a in zip(chunk, outs) if isinstance(a, str) and accept(a)]
+                self.unusable[stage].update((k, a) for k, a in zip(chunk, outs)
+                                            if not (isinstance(a, str) and accept(a)))
+                answers.add_many(good)
                 bar.update(len(chunk))
         finally:
             bar.close()
+
+    def _answer(self, stage: str, key: str) -> str:
+        """The answer to ``key``: the logged usable one, else this run's unusable one."""
+        log_ = self.logs[stage]
+        return log_[key] if key in log_ else self.unusable[stage].get(key, "")
+
+    def _warn_if_mostly_unusable(self, stage: str, failed: int, total: int) -> None:
+        if total and failed / total > MOSTLY_UNUSABLE:
+            line = (f"MOSTLY UNUSABLE: {failed} of {total} RDA {stage} answers were empty, "
+                    f"unparseable or gibberish; their captions fall back to their own "
+                    f"sentences. Check the model (--model, --lora, --served-model) and that it "
+                    f"follows the prompt; these answers are asked again next run")
+            self.summary.warnings.append(line)
+            log.warning("%s\n%s\n%s", "!" * 78, line, "!" * 78)
+        elif failed:
+            log.warning("%d of %d RDA %s answers were empty, unparseable or gibberish (asked "
+                        "again next run)", failed, total, stage)
 
     def _image_path(self, rel: str) -> str:
         return os.path.join(self.image_root, rel)
@@ -181,12 +224,15 @@ class RDAGenerator:
         counts = {st: FilterCounts() for st in ("vqa", "dec", "rwt")}
 
         # 1. VQA, once per distinct image.
-        self._run_stage("vqa", images, lambda rel: Request(vqa_prompt(), image=self._image_path(rel)))
+        self._run_stage("vqa", images, lambda rel: Request(vqa_prompt(), image=self._image_path(rel)),
+                        _usable_vqa)
         subtexts = {}
         for rel in images:
-            parsed = parse_vqa(self.logs["vqa"][rel])
-            failures["vqa"] += not parsed
-            subtexts[rel] = clean_pieces(parsed, counts["vqa"])
+            parsed = parse_vqa(self._answer("vqa", rel))
+            usable = looks_like_vqa_reply(parsed)
+            failures["vqa"] += not usable
+            subtexts[rel] = clean_pieces(parsed, counts["vqa"]) if usable else []
+        self._warn_if_mostly_unusable("vqa", failures["vqa"], len(images))
 
         # 2. Aggregation of each caption with its image's answers (text only).
         aggr_keys = [json.dumps([p.image, p.text], ensure_ascii=False) for p in pairs]
@@ -195,37 +241,45 @@ class RDAGenerator:
             rel, caption = json.loads(key)
             return Request(aggr_prompt(caption, subtexts[rel]))
 
-        self._run_stage("aggr", aggr_keys, aggr_request)
+        self._run_stage("aggr", aggr_keys, aggr_request, _usable_aggr)
         aggregated = {}
-        for key in dict.fromkeys(aggr_keys):
-            text = _strip_output_label(self.logs["aggr"][key])
-            failures["aggr"] += not text
-            aggregated[key] = text or json.loads(key)[1]  # fall back to the caption itself
+        unique_aggr = list(dict.fromkeys(aggr_keys))
+        for key in unique_aggr:
+            text = _strip_output_label(self._answer("aggr", key))
+            usable = bool(text) and looks_like_english(text)
+            failures["aggr"] += not usable
+            aggregated[key] = text if usable else json.loads(key)[1]  # else the caption itself
+        self._warn_if_mostly_unusable("aggr", failures["aggr"], len(unique_aggr))
 
         # 3. Decomposition into attribute sub-sentences.
         texts = list(dict.fromkeys(aggregated.values()))
-        self._run_stage("dec", texts, lambda t: Request(dec_prompt(t)))
+        self._run_stage("dec", texts, lambda t: Request(dec_prompt(t)), _usable_lines)
         subs = {}
         for text in texts:
-            lines = parse_lines(self.logs["dec"][text])
-            pieces = clean_pieces(lines, counts["dec"], min_words=MIN_WORDS)
+            lines = parse_lines(self._answer("dec", text))
+            pieces = (clean_pieces(lines, counts["dec"], min_words=MIN_WORDS)
+                      if looks_like_sentences(lines) else [])
             if not pieces:  # unusable answer: fall back to the description's own sentences
                 failures["dec"] += 1
                 pieces = (clean_pieces(split_sentences(text), FilterCounts(), min_words=MIN_WORDS)
                           or [text])  # a caption must keep at least one sub-sentence
             subs[text] = pieces
+        self._warn_if_mostly_unusable("dec", failures["dec"], len(texts))
 
         # 4. m rewrites of every distinct sub-sentence.
         sentences = list(dict.fromkeys(x for t in texts for x in subs[t]))
         rwt_keys = [_rwt_key(self.m, x) for x in sentences]
-        self._run_stage("rwt", rwt_keys, lambda k: Request(rwt_prompt(_rwt_sentence(k), self.m)))
+        self._run_stage("rwt", rwt_keys, lambda k: Request(rwt_prompt(_rwt_sentence(k), self.m)),
+                        _usable_lines)
         groups = {}
         for sentence, key in zip(sentences, rwt_keys):
-            lines = parse_lines(self.logs["rwt"][key])
-            failures["rwt"] += not lines
+            lines = parse_lines(self._answer("rwt", key))
+            usable = looks_like_sentences(lines)
+            failures["rwt"] += not usable
             rewrites = clean_pieces(lines, counts["rwt"], exclude=(sentence,),
-                                    min_words=MIN_WORDS)[:self.m]
+                                    min_words=MIN_WORDS)[:self.m] if usable else []
             groups[sentence] = [sentence, *rewrites]
+        self._warn_if_mostly_unusable("rwt", failures["rwt"], len(sentences))
 
         # Assemble per caption and summarise.
         result = {}
@@ -242,6 +296,19 @@ class RDAGenerator:
             "fraction_of_requested": (sum(kept) / (self.m * len(kept))) if kept else 0.0,
         }
         return result
+
+
+def _usable_vqa(answer: str) -> bool:
+    return looks_like_vqa_reply(parse_vqa(answer))
+
+
+def _usable_aggr(answer: str) -> bool:
+    text = _strip_output_label(answer)
+    return bool(text) and looks_like_english(text)
+
+
+def _usable_lines(answer: str) -> bool:
+    return looks_like_sentences(parse_lines(answer))
 
 
 def _rwt_key(m: int, sentence: str) -> str:

@@ -18,6 +18,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def thi_command(run_dir: str, target: str, data_root: str, attributes: str, xi: float,
+                progress: bool) -> list[str]:
+    """The demo's ``python -m thi`` command. Its xi is the demo's own, so it writes its own
+    folder (``RUN/thi/TARGET/demo``): the commands of docs/THI.md, with the paper's xi, then
+    run after it instead of meeting a folder of other settings."""
+    cmd = [sys.executable, "-m", "thi", "--run", run_dir, "--target", target, "--root", data_root,
+           "--backend", "simulated", "--attributes", attributes, "--xi", f"{xi:.4f}",
+           "--out", os.path.join(run_dir, "thi", target, "demo")]
+    return cmd if progress else cmd + ["--no-progress"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="work", help="folder for data, the tiny CLIP and runs")
@@ -65,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         xi = float(np.median(np.load(os.path.join(eval_dir, "similarity.npy")).max(axis=1)))
         print(f"[demo] xi = {xi:.3f} (median top-1 base similarity)")
         print("[demo] THI with the simulated MLLM (python -m thi)")
-        cmd = [sys.executable, "-m", "thi", "--run", run_dir, "--target", cfg.dataset_name,
-               "--root", data_root, "--backend", "simulated", "--attributes", synth, "--xi", f"{xi:.4f}"]
-        if not progress:
-            cmd.append("--no-progress")
+        cmd = thi_command(run_dir, cfg.dataset_name, data_root, synth, xi, progress)
         print("[demo] " + " ".join(cmd))
         subprocess.run(cmd, check=True)
     return 0

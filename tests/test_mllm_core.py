@@ -59,7 +59,8 @@ def test_generate_one_call_for_all_misses_in_order_with_dedupe():
     c = Echo()
     assert c.generate(reqs("a", "b", "a", "c")) == ["A", "B", "A", "C"]
     assert c.seen == [["a", "b", "c"]]  # one backend call, duplicates asked once
-    assert c.stats == {"calls": 1, "requests": 4, "cache_hits": 0, "cache_misses": 4}
+    assert c.stats == {"calls": 1, "requests": 4, "cache_hits": 0, "cache_misses": 4,
+                       "unusable": 0}
     assert c.generate([]) == [] and c.stats["calls"] == 1
 
 
@@ -308,3 +309,76 @@ def test_prompts_pinned():
         "line, without numbering and without any explanation.\n\nSentence: The man wears a hat.")
     with pytest.raises(ValueError):
         prompts.rwt_prompt("x", 0)
+
+
+def _model_dir(path, weights: bytes, adapter: bool = False):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / ("adapter_config.json" if adapter else "config.json")).write_text('{"r": 8}')
+    (path / ("adapter_model.safetensors" if adapter else "model.safetensors")).write_bytes(weights)
+    return path
+
+
+def test_folder_digest_follows_weights_not_logs_or_paths(tmp_path, monkeypatch):
+    from utils.mllm import identity
+
+    a = _model_dir(tmp_path / "a", b"w" * 1000)
+    d = identity.folder_digest(a)
+    (a / "trainer_log.jsonl").write_text("{}")   # training by-products are not the model
+    (a / "checkpoint-10").mkdir()
+    (a / "checkpoint-10" / "adapter_model.safetensors").write_bytes(b"old")
+    assert identity.folder_digest(a) == d
+    assert identity.folder_digest(_model_dir(tmp_path / "copy", b"w" * 1000)) == d  # same content
+    (a / "model.safetensors").write_bytes(b"w" * 999 + b"x")
+    assert identity.folder_digest(a) != d
+    (a / "model.safetensors").write_bytes(b"w" * 1000)
+    (a / "tokenizer_config.json").write_text("{}")
+    assert identity.folder_digest(a) != d
+    # Big shards are sampled, not read whole: a change in a sampled block is seen.
+    monkeypatch.setattr(identity, "FULL_HASH_BYTES", 100)
+    monkeypatch.setattr(identity, "BLOCK", 10)
+    big = _model_dir(tmp_path / "big", bytes(1000))
+    before = identity.folder_digest(big)
+    (big / "model.safetensors").write_bytes(bytes(999) + b"\x01")  # the last block is sampled
+    assert identity.folder_digest(big) != before
+
+
+@pytest.mark.parametrize("backend,adapter_key", [("transformers", "adapter"), ("vllm", "lora")])
+def test_local_backends_identity_holds_content_digests(tmp_path, backend, adapter_key):
+    """A LoRA retrained into the same folder is another model: other cache keys."""
+    from utils.mllm import build_client
+
+    model = _model_dir(tmp_path / "base", b"base weights")
+    lora = _model_dir(tmp_path / "lora", b"lora v1", adapter=True)
+    kw = {"model": str(model), adapter_key: str(lora), "dtype": "float32"}
+    first = build_client(backend, **kw)
+    info = first.identity_info()
+    assert info["backend"] == backend and info["adapter"] == str(lora.resolve())
+    assert len(info["model_digest"]) == len(info["adapter_digest"]) == 16
+    assert build_client(backend, **kw).identity() == first.identity()
+    (lora / "adapter_model.safetensors").write_bytes(b"lora v2")
+    retrained = build_client(backend, **kw)
+    assert retrained.identity_info()["adapter_digest"] != info["adapter_digest"]
+    assert retrained.cache_key(Request("q"), 0.01, 8) != first.cache_key(Request("q"), 0.01, 8)
+    assert build_client(backend, **{**kw, "dtype": "bfloat16"}).identity() != first.identity()
+
+
+def test_backend_errors_name_the_engine():
+    """Every error out of generate() says which backend/model failed (issue 19, case 6)."""
+    class Broken(Echo):
+        def describe(self):
+            return "vLLM offline engine on /models/tiny"
+
+        def _generate(self, requests, temperature, max_tokens):
+            raise RuntimeError("CUDA error: device-side assert")
+
+    with pytest.raises(MLLMError, match=r"^vLLM offline engine on /models/tiny failed: "
+                                        r"RuntimeError: CUDA error") as info:
+        Broken().generate(reqs("a"))
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+    class Vague(Broken):
+        def _generate(self, requests, temperature, max_tokens):
+            raise MLLMError("out of memory", partial={})
+
+    with pytest.raises(MLLMError, match=r"^vLLM offline engine on /models/tiny: out of memory"):
+        Vague().generate(reqs("a"))

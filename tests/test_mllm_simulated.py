@@ -95,7 +95,7 @@ def test_errors_at_the_configured_rate(synth):
     assert n_bad == noisy.stats["hallucinated"]
     assert abs(n_bad / len(paths) - 0.3) < 0.12  # 160 images: sd 0.036
     assert noisy.identity() != truth.identity()
-    assert "error_rate=0.3" in noisy.identity() and "seed=7" in noisy.identity()
+    assert noisy.identity_info()["error_rate"] == 0.3 and noisy.identity_info()["seed"] == 7
 
 
 def test_answers_do_not_depend_on_batch_order_or_size(synth):

@@ -223,7 +223,7 @@ def test_filters():
                          "Yes", "She carries a black bag"], counts, min_words=3)
     assert kept == ["The man wears a red coat.", "She carries a black bag."]
     assert counts.as_dict() == {"kept": 2, "empty": 1, "duplicate": 1, "not_visible": 2,
-                                "too_short": 1}
+                                "too_short": 1, "gibberish": 0}
     assert clean_pieces(["A red coat.", "a red  coat"], FilterCounts(), exclude=("A red coat",)) == []
 
 
@@ -265,3 +265,106 @@ def test_cli_generate(synth, tmp_path):
     assert sum("diversity_captions" in r for r in records) == 2
     assert (root / "SynthPEDES" / "reid_raw.rda.summary.json").exists()
     assert (root / "SynthPEDES" / "reid_raw.rda.state" / "mllm_cache").exists()
+
+
+GIBBERISH = ["xq zvbn wkrt plmq\nfjdk slq trw", "ĠĠ<|image_pad|>Ċ!!?? ## ĊĊ",
+             "Lorem ipsum dolor sit amet consectetur adipiscing",
+             "1. qwx brrk\n2. zzkt vbn\n3. prrt sklm vvx"]
+
+
+def _gibberish_client(cache_dir=None):
+    from utils.mllm import BaseClient
+
+    class Gibberish(BaseClient):
+        backend = "gibberish"
+
+        def identity_info(self):
+            return {"backend": self.backend}
+
+        def _generate(self, requests, temperature, max_tokens):
+            return [GIBBERISH[(len(r.text) + i) % len(GIBBERISH)] for i, r in enumerate(requests)]
+
+    return Gibberish(cache_dir=cache_dir)
+
+
+def test_gibberish_never_becomes_diversity_captions(synth, tmp_path):
+    """Before: against a server answering gibberish, every diversity_captions entry was the
+    gibberish and parse_failures were all 0."""
+    records, summary = run_rda(copy.deepcopy(synth["records"]), _gibberish_client(tmp_path / "c"),
+                               image_root=synth["imgs"], limit=4, progress=False,
+                               out_path=str(tmp_path / "rda.json"))
+    aug = [r for r in records if "diversity_captions" in r]
+    assert len(aug) == 2
+    for r in aug:
+        for caption, dc in zip(r["captions"], r["diversity_captions"]):
+            assert normalize(" ".join(g[0] for g in dc)) == normalize(caption)
+            assert all(len(g) == 1 for g in dc)
+    n_sentences = sum(len(dc) for r in aug for dc in r["diversity_captions"])
+    assert summary["parse_failures"] == {"vqa": 2, "aggr": 4, "dec": 4, "rwt": n_sentences}
+    assert len(summary["warnings"]) == 4
+    assert all(w.startswith("MOSTLY UNUSABLE") for w in summary["warnings"])
+    saved = json.load(open(tmp_path / "rda.summary.json"))
+    assert saved["warnings"] == summary["warnings"]
+    # Gibberish pieces inside otherwise fine answers are dropped and counted.
+    counts = FilterCounts()
+    assert clean_pieces(["The man wears a red coat.", "Lorem ipsum dolor sit amet.",
+                         "xq zvbn wkrt", "Female."], counts, min_words=1) == [
+        "The man wears a red coat.", "Female."]
+    assert counts.gibberish == 2
+    # The simulated MLLM's real answers: nothing is gibberish, nothing fails.
+    _, clean = run_rda(copy.deepcopy(synth["records"]), simulated(synth), image_root=synth["imgs"],
+                       limit=4, progress=False)
+    assert all(v["gibberish"] == 0 for v in clean["filtered"].values())
+    assert sum(clean["parse_failures"].values()) == 0 and clean["warnings"] == []
+
+
+def test_unusable_answers_are_not_kept_and_asked_again(synth, tmp_path):
+    """Before: empty answers were logged as answers; after the server was fixed, the rerun sent
+    0 requests and kept the fallback captions."""
+    from utils.mllm.simulated import SimulatedClient
+
+    class Flaky(SimulatedClient):
+        broken = True
+
+        def _generate(self, requests, temperature, max_tokens):
+            out = super()._generate(requests, temperature, max_tokens)
+            return ["" for _ in out] if Flaky.broken else out
+
+    out = str(tmp_path / "rda.json")
+    cache = str(tmp_path / "cache")
+    _, first = run_rda(copy.deepcopy(synth["records"]), Flaky(synth["dir"], cache_dir=cache),
+                       image_root=synth["imgs"], limit=4, progress=False, out_path=out)
+    assert first["parse_failures"]["vqa"] == 2 and first["warnings"]
+    Flaky.broken = False
+    records, second = run_rda(copy.deepcopy(synth["records"]), Flaky(synth["dir"], cache_dir=cache),
+                              image_root=synth["imgs"], limit=4, progress=False, out_path=out)
+    assert second["requests_this_run"]["vqa"] == 2 and second["requests_this_run"]["aggr"] == 4
+    assert sum(second["parse_failures"].values()) == 0 and not second["warnings"]
+    reference = generate_rda(copy.deepcopy(synth["records"]), simulated(synth),
+                             image_root=synth["imgs"], limit=4, progress=False)
+    assert records == reference
+
+
+def test_cli_client_options(tmp_path):
+    import logging
+
+    from rda.cli import build_parser, client_options, main
+
+    def opts(*argv):
+        args = build_parser().parse_args(["generate", "--dataset", "SynthPEDES", "--root", "R",
+                                          *argv])
+        return client_options(args, "D", "C")
+
+    o = opts("--backend", "openai", "--base-url", "http://h/v1", "--served-model", "icl",
+             "--concurrency", "3", "--micro-batch", "5", "--no-retry-unusable")
+    assert o == {"base_url": "http://h/v1", "model": "icl", "concurrency": 3, "cache_dir": "C",
+                 "max_batch": 5, "retry_unusable": False}
+    assert opts("--backend", "vllm", "--model", "M")["dtype"] == "float32"  # no CUDA GPU here
+    assert opts("--backend", "vllm", "--model", "M", "--dtype", "bfloat16")["dtype"] == "bfloat16"
+    with pytest.raises(SystemExit, match="--concurrency"):
+        opts("--backend", "openai", "--base-url", "u", "--served-model", "m", "--concurrency", "0")
+    # every HTTP request of the openai SDK is not an INFO line
+    with pytest.raises(FileNotFoundError):  # logging is set up first
+        main(["generate", "--dataset", "SynthPEDES", "--root", str(tmp_path), "--backend",
+              "openai"])
+    assert logging.getLogger("httpx").getEffectiveLevel() >= logging.WARNING

@@ -306,13 +306,17 @@ class Recording:
     def stats(self):
         return self.client.stats
 
-    def generate(self, requests, temperature=0.01, max_tokens=512):
+    def identity_info(self):
+        return self.client.identity_info()
+
+    def generate(self, requests, temperature=0.01, max_tokens=512, **kw):
         if self.fail_after is not None and self.batches >= self.fail_after:
             raise KeyboardInterrupt("simulated kill")
         self.batches += 1
         self.requests += [(r.text, os.fspath(r.image) if r.image is not None else None)
                           for r in requests]
-        return self.client.generate(requests, temperature=temperature, max_tokens=max_tokens)
+        return self.client.generate(requests, temperature=temperature, max_tokens=max_tokens,
+                                    **kw)
 
 
 @pytest.fixture(scope="module")
@@ -501,3 +505,171 @@ def test_state_of_other_settings_is_refused(synth, tmp_path):
     _run(synth, _client(synth), out_dir=str(out), rounds=2)
     with pytest.raises(ValueError, match="xi"):
         _run(synth, _client(synth), out_dir=str(out), rounds=2, xi=0.45)
+
+
+# ------------------------------------------- identity, unusable answers, kills (issues 17, 19)
+KILL_SCRIPT = r'''
+import json, os, signal, sys
+from thi import run_thi
+from thi.synthetic import AttributeSimilarity
+from utils.mllm.simulated import SimulatedClient
+
+data_dir, out, cache, log_path, kill_at = sys.argv[1:6]
+
+
+class Logged(SimulatedClient):
+    """Logs every request it answers; on call ``kill_at`` it answers, then is killed with
+    SIGKILL before returning: those answers are lost with the process, as in kill -9."""
+    calls = 0
+
+    def _generate(self, requests, temperature, max_tokens):
+        answers = super()._generate(requests, temperature, max_tokens)
+        with open(log_path, "a") as f:
+            f.writelines(json.dumps([r.text, r.image and os.fspath(r.image)]) + "\n"
+                         for r in requests)
+        Logged.calls += 1
+        if Logged.calls == int(kill_at):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return answers
+
+
+with open(os.path.join(os.path.dirname(log_path), "queries.json")) as f:
+    captions, img_paths = json.load(f)  # the test split (no torch import: a fast start)
+score = AttributeSimilarity(data_dir, img_paths, scale=0.45, noise=0.1)
+run_thi(score(captions), captions, img_paths, Logged(data_dir, cache_dir=cache), score,
+        rounds=2, out_dir=out, progress=False)
+'''
+
+
+def test_kill_9_mid_stage_loses_at_most_one_micro_batch(synth, tmp_path):
+    """Before: a stage was one client call, cached when it returned; killed inside it, the
+    rerun asked every request of the stage again (144 here). Now the default micro-batch (64
+    for the simulated backend) is cached as soon as it returns."""
+    import signal
+    import subprocess
+    import sys
+
+    from utils.mllm.simulated import SimulatedClient
+
+    out, cache = tmp_path / "thi", tmp_path / "cache"
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    (tmp_path / "queries.json").write_text(json.dumps([synth["test"]["captions"],
+                                                       synth["test"]["img_paths"]]))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo}
+
+    def run(log, kill_at):
+        return subprocess.run([sys.executable, str(script), synth["dir"], str(out), str(cache),
+                               str(log), str(kill_at)], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    killed = run(tmp_path / "killed.jsonl", 2)  # the 2nd micro-batch of round 1's localization
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = run(tmp_path / "resumed.jsonl", 0)
+    assert resumed.returncode == 0, resumed.stderr
+    answered = [tuple(json.loads(x)) for x in open(tmp_path / "killed.jsonl")]
+    asked = [tuple(json.loads(x)) for x in open(tmp_path / "resumed.jsonl")]
+    micro = SimulatedClient.DEFAULT_MAX_BATCH
+    assert len(answered) == 2 * micro and len(synth["test"]["captions"]) > 2 * micro
+    re_asked = set(answered) & set(asked)
+    assert len(re_asked) <= micro, f"{len(re_asked)} answers re-asked after the kill"
+    assert re_asked == set(answered[micro:])  # exactly the micro-batch that died unreturned
+    np.testing.assert_array_equal(np.load(out / "final_similarity.npy"),
+                                  _run(synth, _client(synth), rounds=2).similarity)
+
+
+class _OtherModel:
+    """Another MLLM (same answers as the simulated one, another identity)."""
+
+    def __init__(self, inner, **identity):
+        self.inner, self.ident = inner, identity
+        self.stats = inner.stats
+
+    def identity_info(self):
+        return dict(self.ident)
+
+    def generate(self, requests, temperature=0.01, max_tokens=512, **kw):
+        return self.inner.generate(requests, temperature=temperature, max_tokens=max_tokens)
+
+
+def test_results_folder_of_another_mllm_is_refused_naming_the_difference(synth, tmp_path):
+    """Before: the folder's fingerprint had no MLLM; another backend's run into it returned the
+    first backend's results in seconds."""
+    out = tmp_path / "thi"
+    first = _run(synth, _client(synth), out_dir=str(out), rounds=2)
+    # the same MLLM again: the finished folder's results, nothing asked
+    idle = Recording(_client(synth))
+    again = _run(synth, idle, out_dir=str(out), rounds=2)
+    assert idle.batches == 0
+    np.testing.assert_array_equal(again.similarity, first.similarity)
+    for ident, shown in [
+            ({"backend": "openai", "base_url": "http://127.0.0.1:8000/v1", "model": "icl"},
+             "mllm.backend: saved 'simulated', now 'openai'"),
+            ({**_client(synth).identity_info(), "error_rate": 0.1},
+             "mllm.error_rate: saved 0.0, now 0.1")]:
+        with pytest.raises(ValueError) as info:
+            _run(synth, _OtherModel(_client(synth), **ident), out_dir=str(out), rounds=2)
+        msg = str(info.value)
+        assert shown in msg and "--out" in msg and f"rm -r {out}" in msg
+    with pytest.raises(ValueError, match=r"xi: saved 0\.5, now 0\.45"):
+        _run(synth, _client(synth), out_dir=str(out), rounds=2, xi=0.45)
+
+
+class _Garbled:
+    """The simulated MLLM behind a broken server: localization answers are chatter (or empty)
+    while ``broken`` is set; same identity either way (the server was fixed, not changed)."""
+
+    def __new__(cls, synth, cache_dir, broken=True, retry_unusable=True):
+        from utils.mllm.simulated import SimulatedClient
+
+        class Client(SimulatedClient):
+            def _generate(self, requests, temperature, max_tokens):
+                out = super()._generate(requests, temperature, max_tokens)
+                return [("" if i % 2 else "I think so, maybe.")
+                        if broken and r.text.startswith(LOC_HEAD) else a
+                        for i, (r, a) in enumerate(zip(requests, out))]
+
+        return Client(synth["dir"], cache_dir=str(cache_dir), retry_unusable=retry_unusable)
+
+
+def test_unparseable_answers_are_reported_warned_and_asked_again(synth, tmp_path):
+    """Before: empty answers were cached and a rerun after the server was fixed sent 0
+    requests; parse failures were only in the INFO log and rounds.json."""
+    from thi.report import rounds_table
+
+    cache = tmp_path / "cache"
+    broken = _run(synth, _Garbled(synth, cache), rounds=2, out_dir=str(tmp_path / "out"))
+    q = len(synth["test"]["captions"])
+    first = broken.rounds[0]
+    assert first["parse_failures"]["loc"] == first["calls"]["loc"] == q
+    assert broken.warnings and "MOSTLY UNPARSEABLE" in broken.warnings[0]
+    assert "round 1, loc" in broken.warnings[0] and broken.cost["warnings"] == broken.warnings
+    log = (tmp_path / "out" / "thi.log").read_text()
+    assert "WARNING" in log and "!" * 78 + "\nMOSTLY UNPARSEABLE: round 1, loc" in log
+    assert f"THI finished WITH {len(broken.warnings)} WARNING(S)" in log
+    table = rounds_table(broken.base_metrics, broken.rounds)
+    import re
+    assert "unparseable loc/vqa/aggr" in table and re.search(rf"\|\s+{q}/0/0\s+\|", table)
+    # Not cached as answers: the fixed server is asked every localization question again...
+    fixed = _Garbled(synth, cache, broken=False)
+    healthy = _run(synth, fixed, rounds=2)
+    assert healthy.rounds[0]["uncached"]["loc"] == q and not healthy.warnings
+    assert healthy.rounds[0]["parse_failures"]["loc"] == 0
+    # ...unless told to reuse them (--no-retry-unusable): then nothing is asked.
+    cache2 = tmp_path / "cache2"
+    _run(synth, _Garbled(synth, cache2), rounds=1)
+    lazy = _run(synth, _Garbled(synth, cache2, broken=False, retry_unusable=False), rounds=1)
+    asked = lazy.rounds[0]["calls"]["loc"]
+    assert asked > 0 and lazy.rounds[0]["uncached"]["loc"] == 0
+    assert lazy.rounds[0]["parse_failures"]["loc"] == asked
+
+
+def test_empty_caption_is_refused(synth):
+    """Before: an empty query was asked about and "refined" silently."""
+    t = synth["test"]
+    captions = list(t["captions"])
+    captions[3] = "  "
+    with pytest.raises(ValueError, match=r"1 of \d+ queries have an empty caption \(first: query 3\)"):
+        run_thi(synth["sim"], captions, t["img_paths"], ScriptedClient(lambda c, i: True),
+                synth["score"], progress=False)

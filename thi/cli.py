@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 
 BACKENDS = ("simulated", "vllm", "openai", "transformers")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 DEFAULT_XI = 0.5
 # The paper uses a stricter threshold when ICFG-PEDES is the target (Sec. 4.1).
 TARGET_XI = {"ICFG-PEDES": 0.55}
@@ -39,6 +40,9 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
     ap.add_argument("--served-model", help="model name on the server (openai backend); with "
                                            "'vllm serve --enable-lora' the adapter's name")
+    ap.add_argument("--dtype", choices=DTYPES, help="vllm/transformers weight dtype (default "
+                    "float32 without a CUDA GPU: fast on CPU, no bf16 casts; else the backend's "
+                    "default, bfloat16 for vLLM and the folder's dtype for transformers)")
     ap.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs for vLLM")
     ap.add_argument("--concurrency", type=int, default=32, help="openai backend: requests in "
                                                                 "flight (the server batches them)")
@@ -51,6 +55,13 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--temperature", type=float, default=0.01)
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--cache-dir", help="MLLM response cache (default RUN/mllm_cache)")
+    ap.add_argument("--micro-batch", type=int, help="requests per MLLM call; each call's answers "
+                    "are cached before the next, so a kill loses at most one (default: 64 "
+                    "simulated, 256 vllm, the batch size for transformers; openai caches every "
+                    "answer as it arrives)")
+    ap.add_argument("--no-retry-unusable", action="store_true",
+                    help="reuse cached empty or unparseable answers of an earlier run instead of "
+                         "asking the MLLM again (default: ask again)")
     ap.add_argument("--device", default="auto", help="device for re-encoding refined queries")
     ap.add_argument("--batch-size", type=int, default=256, help="text encoding batch size")
     ap.add_argument("--no-progress", action="store_true")
@@ -64,7 +75,8 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     run.add_argument("--lam", type=float, default=0.8, help="Eq. 6's lambda (paper: 0.8)")
     run.add_argument("--xi", type=float, help="threshold on the top-1 similarity (default 0.5; "
                                               "0.55 with ICFG-PEDES as target)")
-    run.add_argument("--out", help="results folder (default RUN/thi/TARGET)")
+    run.add_argument("--out", help="results folder (default RUN/thi/TARGET/LABEL, LABEL naming "
+                                   "the backend and model, e.g. vllm-Qwen2-VL-7B-Instruct+icl_lora)")
     run.add_argument("--ask", default="needed", choices=("needed", "unrefined", "all"),
                      help="who is asked the localization question (same anchors; 'unrefined' "
                           "is the release's schedule)")
@@ -74,7 +86,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     _common(sweep)
     sweep.add_argument("--lams", default="0.5,0.6,0.7,0.8,0.9")
     sweep.add_argument("--xis", default="0.4,0.45,0.5,0.55,0.6")
-    sweep.add_argument("--out", help="results folder (default RUN/thi/TARGET/sweep)")
+    sweep.add_argument("--out", help="results folder (default RUN/thi/TARGET/LABEL/sweep)")
     return run, sweep
 
 
@@ -87,6 +99,12 @@ def load_eval_dir(run_dir: str, target: str, root: Optional[str]) -> dict:
         raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: run `{cmd}` first")
     with open(os.path.join(folder, "captions.json"), encoding="utf-8") as f:
         captions = json.load(f)
+    empty = [i for i, c in enumerate(captions) if not isinstance(c, str) or not c.strip()]
+    if empty:
+        raise ValueError(f"{os.path.join(folder, 'captions.json')}: {len(empty)} empty queries "
+                         f"(first: #{empty[0]}); THI needs a text per query: fix the dataset's "
+                         f"annotation file and run `python test.py {run_dir} --dataset {target}` "
+                         f"again")
     with open(os.path.join(folder, "image_paths.json"), encoding="utf-8") as f:
         image_paths = json.load(f)
     with np.load(os.path.join(folder, "gallery_feats.npz")) as z:
@@ -97,6 +115,20 @@ def load_eval_dir(run_dir: str, target: str, root: Optional[str]) -> dict:
             "captions": captions, "image_paths": image_paths, "gallery_feats": feats}
 
 
+def mllm_label(args) -> str:
+    """The default results-folder name of the chosen MLLM: backend and model (and adapter), so
+    that different backends and models never share a results folder."""
+    from utils.mllm.identity import label
+
+    if args.backend == "simulated":
+        rate = getattr(args, "error_rate", 0.0) or 0.0
+        return label("simulated", f"err{rate:g}-seed{args.seed}" if rate else None)
+    if args.backend == "openai":
+        return label("openai", args.served_model)
+    return label(args.backend, args.model, f"+{os.path.basename(os.path.normpath(args.lora))}"
+                 if args.lora else None).replace("-+", "+")
+
+
 def backend_options(args, root: Optional[str], target: str, cache_dir: str) -> dict:
     """``build_client`` options for the chosen backend; errors name the missing flag."""
     def need(flag, value):
@@ -104,6 +136,22 @@ def backend_options(args, root: Optional[str], target: str, cache_dir: str) -> d
             raise SystemExit(f"--backend {args.backend} needs {flag}")
         return value
 
+    opts = _backend_options(args, root, target, cache_dir, need)
+    if getattr(args, "micro_batch", None) is not None:
+        if args.micro_batch < 1:
+            raise SystemExit(f"--micro-batch must be >= 1, got {args.micro_batch}")
+        opts["max_batch"] = args.micro_batch
+    if getattr(args, "no_retry_unusable", False):
+        opts["retry_unusable"] = False
+    from utils.mllm import default_dtype
+
+    dtype = default_dtype(args.backend, getattr(args, "dtype", None))
+    if dtype:
+        opts["dtype"] = dtype
+    return opts
+
+
+def _backend_options(args, root, target, cache_dir, need) -> dict:
     if args.backend == "simulated":
         attributes = args.attributes
         if attributes is None:
@@ -154,7 +202,8 @@ def _prepare(args, default_out: str):
     score = make_score_texts(model, data["gallery_feats"], cfg.text_length, device,
                              batch_size=args.batch_size, amp=resolve_amp(cfg.get("amp"), device))
     client = build_client(args.backend, **options)
-    out = args.out or os.path.join(args.run, "thi", target, *([default_out] if default_out else []))
+    out = args.out or os.path.join(args.run, "thi", target, mllm_label(args),
+                                   *([default_out] if default_out else []))
     return target, data, score, client, out
 
 
@@ -190,6 +239,8 @@ def main(argv: Optional[list] = None) -> int:
                 print(rounds_table(result.base_metrics, result.rounds))
             print(f"THI results in {out}: rounds.json/csv, final_similarity.npy, rankings.npy, "
                   f"queries.jsonl, cost.json, thi.log")
+            for line in result.warnings:
+                print(f"WARNING: {line}")
     finally:
         close = getattr(client, "close", None)
         if close is not None:

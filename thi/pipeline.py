@@ -8,6 +8,7 @@ folder the state is saved after every stage, so a killed run resumes where it st
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -22,6 +23,8 @@ from .rerank import check_lambda, rerank_rows
 from .state import THIState, fingerprint, load_similarity, load_state, save_state
 
 TOP_K_SAVED = 10
+# A stage whose answers are unparseable more often than this gets a loud warning (log, summary).
+MOSTLY_UNPARSEABLE = 0.5
 _OUTPUT_PREFIX = re.compile(r"^\s*(?:output|answer)\s*[:：]\s*", re.I)
 
 
@@ -37,7 +40,8 @@ class THIResult:
     ``rounds``: per round ``round``, ``calls`` / ``uncached`` / ``parse_failures`` per stage
     (``loc``, ``vqa``, ``aggr``), ``asked``, ``new_anchors``, ``seconds``, ``mllm_seconds`` and,
     with ids, ``metrics`` (R1, R5, R10, mAP, mINP, rSum). ``base_metrics`` likewise or None.
-    ``cost``: the cost report (see ``report.cost_report``).
+    ``cost``: the cost report (see ``report.cost_report``). ``warnings``: stages whose answers
+    were mostly unparseable, one line each (also in ``cost.json`` and the log).
     """
 
     similarity: np.ndarray
@@ -47,6 +51,7 @@ class THIResult:
     anchor_round: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     base_metrics: Optional[dict] = None
     cost: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
 
 
 def _as_matrix(similarity) -> np.ndarray:
@@ -78,20 +83,50 @@ def clean_aggregation(answer) -> str:
     return " ".join(text.split())
 
 
+def _takes_accept(client) -> bool:
+    """Whether ``client.generate`` takes ``accept=`` (our clients do; a bare stand-in may not)."""
+    try:
+        params = inspect.signature(client.generate).parameters
+    except (TypeError, ValueError):
+        return False
+    return "accept" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _usable_loc(answer: str) -> bool:
+    from utils.mllm.parsing import parse_yes_no
+    return parse_yes_no(answer) is not None
+
+
+def _usable_vqa(answer: str) -> bool:
+    from utils.mllm.parsing import parse_vqa
+    return bool(parse_vqa(answer))
+
+
+def _usable_aggr(answer: str) -> bool:
+    return bool(clean_aggregation(answer))
+
+
+# What makes an answer of each stage usable: the rest is counted as a parse failure, returned
+# for this run, not cached as an answer, and asked again by the next run.
+USABLE = {"loc": _usable_loc, "vqa": _usable_vqa, "aggr": _usable_aggr}
+
+
 class _Stage:
     """Sends one stage's requests as one batch and books calls, misses and MLLM time."""
 
     def __init__(self, client, record: dict, temperature: float, max_tokens: int):
         self.client, self.record = client, record
         self.temperature, self.max_tokens = temperature, max_tokens
+        self.accept = _takes_accept(client)
 
     def ask(self, stage: str, requests: list) -> list:
         if not requests:
             return []
         before = _client_stats(self.client).get("cache_misses")
         t0 = time.perf_counter()
+        extra = {"accept": USABLE[stage]} if self.accept else {}
         answers = list(self.client.generate(requests, temperature=self.temperature,
-                                            max_tokens=self.max_tokens))
+                                            max_tokens=self.max_tokens, **extra))
         self.record["mllm_seconds"] += time.perf_counter() - t0
         if len(answers) != len(requests):
             raise RuntimeError(f"the MLLM client returned {len(answers)} answers for "
@@ -114,6 +149,11 @@ def _check_inputs(sim, captions, image_paths, rounds, xi, q_pids, g_pids):
     num_q, num_g = sim.shape
     if len(captions) != num_q:
         raise ValueError(f"captions has {len(captions)} entries but similarity has {num_q} rows")
+    empty = [i for i, c in enumerate(captions) if not c.strip()]
+    if empty:
+        raise ValueError(f"{len(empty)} of {num_q} queries have an empty caption (first: query "
+                         f"{empty[0]}); THI needs a text to ask about and to refine: fix the "
+                         f"annotation file and evaluate again")
     if len(image_paths) != num_g:
         raise ValueError(f"image_paths has {len(image_paths)} entries but similarity has "
                          f"{num_g} columns")
@@ -188,8 +228,10 @@ class _Interaction:
                                                self.xi, self.anchors, self.said_yes))
         reqs = [Request(loc_prompt(self.captions[q]), image=self.image_paths[self.cands[q, r]])
                 for q in asked]
-        parsed = [parse_yes_no(a) for a in stage.ask("loc", reqs)]
-        rec["parse_failures"]["loc"] += sum(p is None for p in parsed)
+        answers = stage.ask("loc", reqs)
+        parsed = [parse_yes_no(a) for a in answers]
+        self.check_parsed(r, "loc", answers, [p is not None for p in parsed],
+                          "they count as 'No'")
         yes = np.array([p is True for p in parsed], dtype=bool)  # unparseable counts as "No"
         new = asked[gating.decide(r, yes, self.top1[asked], self.xi, self.anchors[asked],
                                   self.said_yes[asked])]
@@ -210,14 +252,15 @@ class _Interaction:
 
         st = self.state
         reqs = [Request(vqa_prompt(), image=self.image_paths[self.anchors[q]]) for q in st.pending]
-        kept = []
-        for q, answer in zip(st.pending, stage.ask("vqa", reqs)):
+        kept, answers, ok = [], stage.ask("vqa", reqs), []
+        for q, answer in zip(st.pending, answers):
             subtexts = parse_vqa(answer)
+            ok.append(bool(subtexts))
             if subtexts:
                 st.subtexts[str(q)] = subtexts
                 kept.append(q)
-            else:  # nothing usable: the query keeps its base similarity
-                st.current["parse_failures"]["vqa"] += 1
+            # else nothing usable: the query keeps its base similarity
+        self.check_parsed(r, "vqa", answers, ok, "those queries keep their base similarity")
         st.pending = kept
 
     def aggregate(self, r: int, stage: _Stage) -> None:
@@ -227,15 +270,35 @@ class _Interaction:
 
         st = self.state
         reqs = [Request(aggr_prompt(self.captions[q], st.subtexts[str(q)])) for q in st.pending]
-        kept = []
-        for q, answer in zip(st.pending, stage.ask("aggr", reqs)):
+        kept, answers, ok = [], stage.ask("aggr", reqs), []
+        for q, answer in zip(st.pending, answers):
             text = clean_aggregation(answer)
+            ok.append(bool(text))
             if text:
                 st.refined[q] = text
                 kept.append(q)
-            else:
-                st.current["parse_failures"]["aggr"] += 1
+        self.check_parsed(r, "aggr", answers, ok, "those queries keep their base similarity")
         st.pending = kept
+
+    def check_parsed(self, r: int, stage: str, answers: list, ok: list, consequence: str) -> None:
+        """Count the unusable answers of ``stage``; warn, loudly when most are unusable (and
+        keep that warning for the summary)."""
+        rec = self.state.current
+        bad = [a for a, good in zip(answers, ok) if not good]
+        rec["parse_failures"][stage] += len(bad)
+        if not bad:
+            return
+        share = len(bad) / len(answers)
+        line = (f"round {r + 1}, {stage}: {len(bad)} of {len(answers)} MLLM answers "
+                f"({100 * share:.0f}%) were empty or unparseable (first: {bad[0]!r:.120}); "
+                f"{consequence}; they are not cached and are asked again next run")
+        if share > MOSTLY_UNPARSEABLE:
+            line = (f"MOSTLY UNPARSEABLE: {line}. Check the model, adapter or served name "
+                    f"(--model, --lora, --served-model) and that it follows the prompt")
+            rec.setdefault("warnings", []).append(line)
+            self.logger.warning("!" * 78 + "\n%s\n" + "!" * 78, line)
+        else:
+            self.logger.warning("%s", line)
 
     def rerank(self, r: int) -> None:
         """Step 4: Eq. 6 for this round's refined queries, metrics, the round's report."""
@@ -301,8 +364,12 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
         def metrics(s):
             return report.with_rsum(t2i_metrics(s, q_pids, g_pids))
 
+    from utils.mllm.identity import identity_info
+
+    # The MLLM's identity belongs to the results: another model never gets this folder's results.
     fp = fingerprint(sim_base, captions, image_paths, lam=lam, xi=xi, rounds=rounds, ask=ask,
-                     temperature=float(temperature), max_tokens=int(max_tokens))
+                     temperature=float(temperature), max_tokens=int(max_tokens),
+                     mllm=identity_info(client))
     state = None
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
@@ -345,15 +412,21 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
                 cost = json.load(f)
         else:
             cost = report.cost_report(state.records, num_q, interacted, _client_stats(client))
+        warnings = [w for rec in state.records for w in rec.get("warnings", [])]
+        cost.setdefault("warnings", warnings)
         result = THIResult(similarity=run.sim, anchors=run.anchors.copy(),
                            refined=list(state.refined), rounds=list(state.records),
                            anchor_round=np.asarray(state.anchor_round, dtype=np.int64),
-                           base_metrics=state.base_metrics, cost=cost)
+                           base_metrics=state.base_metrics, cost=cost, warnings=warnings)
         if out_dir and not finished_before:
             _write_outputs(out_dir, state, result, captions, image_paths, run.cands, run.top1)
         logger.info("THI done: %d/%d queries interacted, %d anchored, %d refined, %.2f MLLM "
                     "requests per query", interacted, num_q, int((run.anchors >= 0).sum()),
                     sum(t is not None for t in state.refined), cost["calls_per_query"])
+        if warnings:
+            logger.warning("THI finished WITH %d WARNING(S): stages with mostly unparseable "
+                           "answers; the metrics above do not show what the model can do:\n%s",
+                           len(warnings), "\n".join(warnings))
         return result
     finally:
         report.close_logger(logger)

@@ -32,20 +32,23 @@ def round_table(round_no: int, base: Mapping, previous: Mapping, now: Mapping) -
 
 
 def rounds_table(base: Mapping, rounds: Sequence[Mapping]) -> str:
-    """One row per round (the paper's Fig. 6 as a table): metrics after each round and the MLLM
-    requests that round made per stage."""
+    """One row per round (the paper's Fig. 6 as a table): metrics after each round, the MLLM
+    requests that round made per stage, its new anchors and its unparseable answers per stage
+    (loc/vqa/aggr; unparseable localization answers count as "No")."""
     from prettytable import PrettyTable
 
-    table = PrettyTable(["after", *METRICS, "loc", "vqa", "aggr", "new anchors"])
+    table = PrettyTable(["after", *METRICS, "loc", "vqa", "aggr", "new anchors",
+                         "unparseable loc/vqa/aggr"])
     table.title = "THI per round"
-    table.add_row(["base", *(f"{with_rsum(base)[k]:.2f}" for k in METRICS), "", "", "", ""])
+    table.add_row(["base", *(f"{with_rsum(base)[k]:.2f}" for k in METRICS), "", "", "", "", ""])
     for r in rounds:
         if not r.get("metrics"):
             continue
         m = with_rsum(r["metrics"])
-        calls = r.get("calls", {})
+        calls, failed = r.get("calls", {}), r.get("parse_failures", {})
         table.add_row([f"round {r['round']}", *(f"{m[k]:.2f}" for k in METRICS),
-                       *(calls.get(s, "") for s in STAGE_NAMES), r.get("new_anchors", "")])
+                       *(calls.get(s, "") for s in STAGE_NAMES), r.get("new_anchors", ""),
+                       "/".join(str(failed.get(s, 0)) for s in STAGE_NAMES)])
     return table.get_string()
 
 

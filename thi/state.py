@@ -3,7 +3,16 @@
 After every stage of every round the state is written atomically (``state.json``, plus the
 current similarity matrix after each re-ranking stage as its own ``.npy`` file, written first
 and then named by the JSON). A run killed at any point therefore restarts at the stage it was
-in; the MLLM answers of that stage's finished part come back from the client's cache.
+in. What is kept of the stage it was killed in: every usable MLLM answer the client had stored
+in its cache. The client stores answers as they arrive: the openai backend each answer on
+arrival (a kill loses only the requests in flight, at most ``--concurrency``), the other
+backends after each micro-batch (``max_batch``: 64 simulated, 256 vLLM, the batch size for
+transformers), so a kill loses at most one micro-batch. Empty or unparseable answers are not
+kept as answers: the next run asks them again.
+
+The state's fingerprint holds digests of the inputs, the settings and the MLLM's identity
+(backend, model, adapter, content digests, what a server reports on ``/v1/models``): a folder
+written with anything else is refused, naming each difference.
 """
 from __future__ import annotations
 
@@ -100,14 +109,34 @@ def load_state(out_dir: str, fp: dict) -> Optional[THIState]:
         raise ValueError(f"{path}: unreadable THI resume state ({exc}); delete it to start the "
                          f"run over") from exc
     if state.fingerprint != fp:
-        keys = sorted(k for k in set(fp) | set(state.fingerprint)
-                      if fp.get(k) != state.fingerprint.get(k))
-        raise ValueError(f"{path} belongs to a THI run with other inputs or settings (differs in: "
-                         f"{', '.join(keys)}); use another output folder (--out) or delete "
-                         f"{STATE_FILE} to start over")
+        lines = "\n".join(f"  {k}: saved {_short(old)}, now {_short(new)}"
+                          for k, old, new in differences(state.fingerprint, fp))
+        raise ValueError(f"{path} belongs to a THI run with other inputs, settings or MLLM; "
+                         f"it differs in:\n{lines}\nIts results are not yours: pass another "
+                         f"output folder (--out DIR), or start this folder over by deleting it "
+                         f"(rm -r {out_dir})")
     if state.stage not in STAGES:
         raise ValueError(f"{path}: unknown stage {state.stage!r}; delete it to start over")
     return state
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list:
+    """``(dotted key, old value, new value)`` for every leaf where two fingerprints differ."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", a, b))
+    return out
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 90 else text[:87] + "..."
 
 
 def load_similarity(out_dir: str, state: THIState, base: np.ndarray) -> np.ndarray:

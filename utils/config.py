@@ -22,6 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",            # auto | cpu | cuda | cuda:1 ...
     "amp": "auto",               # auto (bf16 on GPUs that support it, else fp16; off on CPU) | bf16 | fp16 | none
     "resume": False,             # continue from <run>/last.pth when it exists
+    "resume_change": [],         # keys allowed to differ from the saved config on resume (utils/run_dir.py)
     "log_period": 100,
     "eval_period": 1,
     "distributed": False,        # set by train.py when started by torchrun (WORLD_SIZE > 1)
@@ -118,6 +119,96 @@ def _parse_override(item: str) -> tuple[str, Any]:
     return key, _number(yaml.safe_load(value)) if value.strip() else None
 
 
+class ConfigError(ValueError):
+    """A config value of the wrong type or out of range; the message names key, value and source."""
+
+
+# Keys whose default is None (or whose default's type is not the whole story): accepted types.
+OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
+    "anno_file": (str,), "noisy_file": (str,), "init_checkpoint": (str,), "emb_lr": (float,),
+}
+# Keys that may also be a bool (YAML reads "amp: false" as a bool; resolve_amp treats it as none).
+ALSO_BOOL = {"amp"}
+POSITIVE = {"batch_size", "test_batch_size", "num_epoch", "eval_period", "log_period", "num_instance",
+            "text_length", "stride_size", "tse_embed_dim"}
+NON_NEGATIVE = {"num_workers", "warmup_epochs", "lr", "weight_decay", "temperature"}
+CHOICES = {"sampler": ("random", "identity"), "val_dataset": ("val", "test")}
+_TYPE_NAMES = {bool: "a boolean (true/false)", int: "an integer", float: "a number (float)", str: "a string",
+               list: "a list"}
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """``value`` checked against the type of ``DEFAULTS[key]`` (ints accepted as floats, numbers as
+    strings); raises ``ConfigError`` naming key, value, source and the expected type."""
+    default = DEFAULTS.get(key)
+
+    def fail(expected: str) -> ConfigError:
+        example = f" (default: {default!r})" if key in DEFAULTS and default is not None else ""
+        return ConfigError(f"{where}: config key '{key}' = {value!r} ({type(value).__name__}): "
+                           f"expected {expected}{example}")
+
+    if key == "resume_change" and isinstance(value, str):
+        value = [v for v in value.replace(",", " ").split() if v]
+    if value is None:
+        if key in OPTIONAL_TYPES or default is None:
+            return None
+        raise fail(_TYPE_NAMES.get(type(default), type(default).__name__) + ", not empty")
+    if key in OPTIONAL_TYPES:
+        kinds = OPTIONAL_TYPES[key]
+    elif default is None:
+        return value  # a key without a known type (e.g. added later with a None default)
+    else:
+        kinds = (type(default),)
+    kind = kinds[0]
+    if key in ALSO_BOOL and isinstance(value, bool):
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise fail(_TYPE_NAMES[bool])
+    elif kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(_TYPE_NAMES[int])
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail(_TYPE_NAMES[float])
+        value = float(value)
+    elif kind is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # name=2024
+        if not isinstance(value, str):
+            raise fail(_TYPE_NAMES[str])
+    elif kind is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise fail(_TYPE_NAMES[list])
+        elem = {type(v) for v in default}
+        if elem == {int}:
+            if any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+                raise fail("a list of integers")
+            if key == "img_size" and len(value) != 2:
+                raise fail("[height, width]")
+        elif elem == {str} or (key == "resume_change"):
+            if not all(isinstance(v, str) for v in value):
+                raise fail("a list of strings")
+    if key in POSITIVE and value <= 0:
+        raise fail("a positive value")
+    if key in NON_NEGATIVE and value < 0:
+        raise fail("a value >= 0")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise fail("one of " + ", ".join(CHOICES[key]))
+    if key == "noisy_rate" and not 0.0 <= value < 1.0:
+        raise fail("a rate in [0, 1)")
+    return value
+
+
+def check_types(cfg: dict, where: str = "config") -> dict:
+    """Every value of ``cfg`` type-checked (and lightly coerced) against ``DEFAULTS``."""
+    return {k: _coerce(k, v, where) for k, v in cfg.items()}
+
+
 def _check_keys(keys: Iterable[str], where: str, allowed: dict) -> None:
     unknown = sorted(k for k in keys if k not in allowed)
     if unknown:
@@ -136,10 +227,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config must be a YAML mapping of key: value")
         _check_keys(data, str(path), cfg)
-        cfg.update({k: _number(v) for k, v in data.items()})
+        cfg.update(check_types({k: _number(v) for k, v in data.items()}, str(path)))
     pairs = [_parse_override(o) for o in overrides]
     _check_keys([k for k, _ in pairs], "command line", cfg)
-    cfg.update(pairs)
+    cfg.update((k, _coerce(k, v, "command line")) for k, v in pairs)
     return Config(cfg)
 
 

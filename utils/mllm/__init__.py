@@ -18,7 +18,7 @@ BACKENDS = {
     "simulated": ("utils.mllm.simulated", "SimulatedClient"),
 }
 
-__all__ = ["BACKENDS", "BaseClient", "MLLMError", "Request", "build_client"]
+__all__ = ["BACKENDS", "BaseClient", "MLLMError", "Request", "build_client", "default_dtype"]
 
 
 def build_client(backend: str, **options) -> BaseClient:
@@ -36,3 +36,17 @@ def build_client(backend: str, **options) -> BaseClient:
                         f"not installed in this environment ({exc}); install it or pick another "
                         f"backend ({', '.join(sorted(BACKENDS))})") from exc
     return getattr(module, class_name)(**options)
+
+
+def default_dtype(backend: str, dtype: "str | None") -> "str | None":
+    """``dtype`` as given, else float32 for vllm/transformers without a CUDA GPU (bfloat16 on a
+    CPU is slow and makes transformers warn about every float32 -> bfloat16 cast), else None
+    (the backend's own default)."""
+    if dtype or backend not in ("vllm", "transformers"):
+        return dtype
+    try:
+        import torch
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    return None if has_gpu else "float32"

@@ -1,15 +1,17 @@
 """The client interface every MLLM backend implements, with the shared response cache.
 
-A backend subclasses :class:`BaseClient` and implements two methods: ``identity()`` (what
-makes its answers what they are: model path, adapter, ...) and ``_generate()`` (one uncached
-batch call). ``generate()`` does the rest: cache look-up, one backend call for all misses,
-storing answers as soon as they return, and the ``stats`` counters.
+A backend subclasses :class:`BaseClient` and implements two methods: ``identity_info()`` (what
+makes its answers what they are: model path and content digest, adapter, server-reported
+model, ...) and ``_generate()`` (one uncached batch call). ``generate()`` does the rest: cache
+look-up, the misses in micro-batches, storing usable answers as soon as they return (unusable
+ones marked so, to be asked again), and the ``stats`` counters.
 """
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Sequence, Union
 
 if TYPE_CHECKING:  # PIL is only needed for the annotation here
     from PIL import Image
@@ -39,43 +41,71 @@ class MLLMError(RuntimeError):
         self.partial = dict(partial or {})
 
 
+def usable_text(answer: str) -> bool:
+    """The default test of an answer worth caching: not empty."""
+    return bool(answer.strip())
+
+
 class BaseClient:
     """Batch-in, batch-out MLLM client with a persistent response cache.
 
-    Subclasses implement :meth:`identity` and :meth:`_generate`; callers use :meth:`generate`.
-    ``max_batch`` (None = all misses in one call) splits very large batches so that a killed
-    run keeps the answers of the chunks that finished.
+    Subclasses implement :meth:`identity_info` (or :meth:`identity`) and :meth:`_generate`;
+    callers use :meth:`generate`. ``max_batch`` splits a batch into micro-batches that are
+    answered and stored one after the other, so a killed run loses at most one micro-batch
+    (None: one call for all misses; the default is the backend's ``DEFAULT_MAX_BATCH``). A
+    backend that receives answers one by one (the openai backend) hands each to
+    :meth:`_answered` and it is stored at once. ``retry_unusable=False`` reuses answers the
+    caller's ``accept`` rejected in an earlier run instead of asking them again.
     """
 
     backend: str = "base"
+    DEFAULT_MAX_BATCH: "int | None" = 64
 
     def __init__(self, *, cache_dir: "str | os.PathLike[str] | None" = None,
                  min_pixels: int = DEFAULT_PIXELS, max_pixels: int = DEFAULT_PIXELS,
-                 max_batch: "int | None" = None):
+                 max_batch: "int | None | str" = "auto", retry_unusable: bool = True):
         if min_pixels > max_pixels:
             raise ValueError(f"min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
-        if max_batch is not None and max_batch < 1:
-            raise ValueError(f"max_batch must be a positive integer or None, got {max_batch}")
+        if max_batch == "auto":
+            max_batch = self.DEFAULT_MAX_BATCH
+        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+            raise ValueError(f"max_batch must be a positive integer or None, got {max_batch!r}")
         self.min_pixels = int(min_pixels)
         self.max_pixels = int(max_pixels)
         self.max_batch = max_batch
+        self.retry_unusable = bool(retry_unusable)
         self.cache = None
         if cache_dir is not None:
             from .cache import ResponseCache
             self.cache = ResponseCache(cache_dir)
-        self.stats: dict = {"calls": 0, "requests": 0, "cache_hits": 0, "cache_misses": 0}
+        self.stats: dict = {"calls": 0, "requests": 0, "cache_hits": 0, "cache_misses": 0,
+                            "unusable": 0}
         # Hashing the same gallery image for every caption is wasteful: remember digests per
         # (path, size, mtime) for this client only.
         self._digests: dict = {}
+        self._stream: "dict | None" = None  # the micro-batch being answered (see _answered)
+        self._lock = threading.Lock()
 
     # --- to implement -------------------------------------------------------------------
+    def identity_info(self) -> dict:
+        """What changes the answers besides the request, as a flat dict: backend, model,
+        adapter, content digests, server-reported model... (results folders compare it)."""
+        return {"backend": self.backend, "identity": self.identity()}
+
     def identity(self) -> str:
-        """Everything that changes the answers besides the request (model path, adapter...)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement identity()")
+        """:meth:`identity_info` as one string (part of every cache key)."""
+        if type(self).identity_info is BaseClient.identity_info:
+            raise NotImplementedError(f"{type(self).__name__} must implement identity_info()")
+        from .identity import canonical
+        return canonical(self.identity_info())
 
     def _generate(self, requests: list[Request], temperature: float, max_tokens: int) -> list[str]:
         """The backend's uncached batch call; one answer per request, same order."""
         raise NotImplementedError(f"{type(self).__name__} must implement _generate()")
+
+    def describe(self) -> str:
+        """Which server/model this client talks to, for error messages."""
+        return f"{self.backend} backend"
 
     # --- shared behaviour ---------------------------------------------------------------
     def cache_key(self, request: Request, temperature: float, max_tokens: int,
@@ -106,10 +136,37 @@ class BaseClient:
             return self._digests[memo]
         return image_digest(image)
 
+    def _store(self, items: dict, accept: Callable[[str], bool]) -> None:
+        """Persist ``{key: answer}``: usable answers for reuse, the others marked unusable."""
+        if self.cache is None or not items:
+            return
+        good = {k: a for k, a in items.items() if accept(a)}
+        bad = {k: a for k, a in items.items() if k not in good}
+        with self._lock:
+            if good:
+                self.cache.put_many(good, meta={"backend": self.backend})
+            if bad:
+                self.cache.put_many(bad, meta={"backend": self.backend}, usable=False)
+
+    def _answered(self, position: int, answer: str) -> None:
+        """Called by a backend (from any thread) as soon as the answer to ``position`` of the
+        micro-batch it is working on arrives: stored at once, so a kill cannot lose it."""
+        stream = self._stream
+        if stream is None or not isinstance(answer, str):
+            return
+        keys = stream["keys"]
+        if 0 <= position < len(keys):
+            self._store({keys[position]: answer}, stream["accept"])
+
     def generate(self, requests: Sequence[Request], temperature: float = 0.01,
-                 max_tokens: int = 512) -> list[str]:
-        """Answer ``requests`` (same order): cached answers first, then one backend call with
-        all misses (or one per ``max_batch`` chunk), each chunk stored as soon as it returns."""
+                 max_tokens: int = 512, accept: "Callable[[str], bool] | None" = None
+                 ) -> list[str]:
+        """Answer ``requests`` (same order): cached answers first, then the misses in
+        micro-batches of ``max_batch``, each stored as soon as it returns.
+
+        ``accept(answer) -> bool`` says whether an answer is usable (default: not empty);
+        unusable answers are returned but not reused by later calls (unless the client was
+        built with ``retry_unusable=False``) and counted in ``stats["unusable"]``."""
         if isinstance(requests, Request):
             raise TypeError("generate() takes a list of Request; wrap a single one: [request]")
         requests = list(requests)
@@ -118,10 +175,16 @@ class BaseClient:
                 raise TypeError(f"requests[{i}] must be a Request with a str text, got {r!r:.80}")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        check = accept or usable_text
+
+        def ok(answer: str) -> bool:
+            return usable_text(answer) and bool(check(answer))
+
         self.stats["requests"] += len(requests)
         identity = self.identity()
         keys = [self.cache_key(r, temperature, max_tokens, identity) for r in requests]
-        answers: list = self.cache.get_many(keys) if self.cache is not None else [None] * len(keys)
+        answers: list = (self.cache.get_many(keys, include_unusable=not self.retry_unusable)
+                         if self.cache is not None else [None] * len(keys))
 
         # Identical requests in one batch are asked once.
         positions: dict[str, list[int]] = {}
@@ -136,25 +199,33 @@ class BaseClient:
         step = self.max_batch or max(1, len(todo))
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
+            chunk_keys = [keys[i] for i in chunk]
             self.stats["calls"] += 1
+            self._stream = {"keys": chunk_keys, "accept": ok}
             try:
                 outs = self._generate([requests[i] for i in chunk], temperature, max_tokens)
             except MLLMError as exc:
                 # Keep what did arrive, so a re-run asks only for the rest.
-                done = {keys[chunk[j]]: a for j, a in exc.partial.items()
-                        if 0 <= j < len(chunk) and isinstance(a, str)}
-                if done and self.cache is not None:
-                    self.cache.put_many(done, meta={"backend": self.backend})
+                self._store({chunk_keys[j]: a for j, a in exc.partial.items()
+                             if 0 <= j < len(chunk) and isinstance(a, str)}, ok)
+                if self.describe() in str(exc):
+                    raise
+                raise MLLMError(f"{self.describe()}: {exc}", partial=exc.partial) from exc
+            except NotImplementedError:
                 raise
+            except Exception as exc:  # say which engine/server failed; the cause stays chained
+                raise MLLMError(f"{self.describe()} failed: {type(exc).__name__}: {exc}") from exc
+            finally:
+                self._stream = None
             if len(outs) != len(chunk) or not all(isinstance(o, str) for o in outs):
-                raise MLLMError(f"{self.backend} backend returned {len(outs)} answers for "
+                raise MLLMError(f"{self.describe()} returned {len(outs)} answers for "
                                 f"{len(chunk)} requests (or non-text answers)")
-            fresh = {keys[i]: o for i, o in zip(chunk, outs)}
-            if self.cache is not None:
-                self.cache.put_many(fresh, meta={"backend": self.backend})
+            fresh = dict(zip(chunk_keys, outs))
+            self._store(fresh, ok)
             for k, o in fresh.items():
                 for i in positions[k]:
                     answers[i] = o
+        self.stats["unusable"] += sum(not ok(a) for a in answers)
         return answers
 
     def close(self) -> None:

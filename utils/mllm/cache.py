@@ -1,9 +1,14 @@
 """Persistent, append-only response cache shared by every backend and by concurrent processes.
 
 One JSONL file (``responses.jsonl``) under the cache directory; one record per line,
-``{"key": ..., "answer": ...}``. Each record is appended with a single ``write`` under an
-exclusive ``flock``, so a killed process loses at most the answers it had not written yet and
-concurrent writers never interleave. A torn last line (a process killed mid-write, or a
+``{"key": ..., "answer": ...}``, or ``{"key": ..., "answer": ..., "usable": false}`` for an answer
+the caller could not use (empty, unparseable): such answers are kept apart and returned only when
+asked for (``include_unusable``), so by default they are asked again, and a usable answer
+for the same key replaces them. An empty answer is never usable.
+
+Each record is appended with a single ``write`` under an exclusive ``flock``, so a killed
+process loses at most the answers it had not written yet and concurrent writers never
+interleave. A torn last line (a process killed mid-write, or a
 filesystem that ignores locks) is skipped on load; the next writer starts on a fresh line so the
 torn fragment cannot swallow a good record.
 """
@@ -60,6 +65,7 @@ class ResponseCache:
                           f"(option cache_dir): {exc}") from exc
         self.path = os.path.join(self.dir, CACHE_FILE)
         self._data: dict[str, str] = {}
+        self._unusable: dict[str, str] = {}
         self._offset = 0
         self.corrupt_lines = 0
         self.refresh()
@@ -95,23 +101,47 @@ class ResponseCache:
         except (ValueError, KeyError, TypeError):
             self.corrupt_lines += 1  # torn or foreign line: skip, never fail a run for it
             return
+        if rec.get("usable") is False or not answer.strip():
+            # caches written before the flag existed may hold empty answers: never reuse them
+            self._unusable[key] = answer
+            return
         self._data.setdefault(key, answer)  # first writer wins; later duplicates are identical work
 
     def get(self, key: str) -> "str | None":
         return self._data.get(key)
 
-    def get_many(self, keys: Iterable[str]) -> list["str | None"]:
-        """Answers for ``keys`` (None for misses), after picking up other processes' appends."""
+    def get_many(self, keys: Iterable[str], include_unusable: bool = False) -> list["str | None"]:
+        """Answers for ``keys`` (None for misses), after picking up other processes' appends;
+        answers stored as unusable count as misses unless ``include_unusable``."""
         self.refresh()
+        if include_unusable:
+            return [self._data.get(k, self._unusable.get(k)) for k in keys]
         return [self._data.get(k) for k in keys]
 
-    def put_many(self, items: Mapping[str, str], meta: "Mapping[str, object] | None" = None) -> None:
+    def unusable_count(self) -> int:
+        """Keys whose only stored answers are unusable."""
+        return sum(k not in self._data for k in self._unusable)
+
+    def put_many(self, items: Mapping[str, str], meta: "Mapping[str, object] | None" = None,
+                 usable: bool = True) -> None:
         """Append records for ``items`` in one locked write; ``meta`` fields are stored alongside
-        (for humans inspecting the file; they are not part of the key)."""
-        new = {k: v for k, v in items.items() if k not in self._data}
+        (for humans inspecting the file; they are not part of the key). ``usable=False`` stores
+        answers the caller could not use (see the module docstring); empty answers are always
+        stored as unusable."""
+        if usable:
+            bad = {k: v for k, v in items.items() if not v.strip()}
+            if bad:
+                self.put_many(bad, meta, usable=False)
+            items = {k: v for k, v in items.items() if k not in bad}
+            new = {k: v for k, v in items.items() if k not in self._data}
+        else:
+            new = {k: v for k, v in items.items()
+                   if k not in self._data and self._unusable.get(k) != v}
         if not new:
             return
         extra = dict(meta or {})
+        if not usable:
+            extra["usable"] = False
         payload = "".join(json.dumps({"key": k, "answer": v, **extra}, ensure_ascii=False) + "\n"
                           for k, v in new.items()).encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -127,4 +157,4 @@ class ResponseCache:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        self._data.update(new)
+        (self._data if usable else self._unusable).update(new)

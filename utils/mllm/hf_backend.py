@@ -81,9 +81,11 @@ class TransformersClient(BaseClient):
                  device: "str | None" = None, dtype: str = "auto", batch_size: int = 8,
                  seed: int = 0, cache_dir: "str | os.PathLike | None" = None,
                  min_pixels: int = DEFAULT_PIXELS, max_pixels: int = DEFAULT_PIXELS,
-                 max_batch: "int | None" = None):
+                 max_batch: "int | None | str" = "auto", retry_unusable: bool = True):
+        if max_batch == "auto":  # one model.generate batch: a kill loses at most that one
+            max_batch = batch_size if isinstance(batch_size, int) and batch_size >= 1 else None
         super().__init__(cache_dir=cache_dir, min_pixels=min_pixels, max_pixels=max_pixels,
-                         max_batch=max_batch)
+                         max_batch=max_batch, retry_unusable=retry_unusable)
         if dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
         if batch_size < 1:
@@ -95,10 +97,27 @@ class TransformersClient(BaseClient):
         self._model = None
         self._processor = None
         self._sampling_calls = 0
+        self._identity: "dict | None" = None
+
+    def identity_info(self) -> dict:
+        if self._identity is None:
+            from .identity import folder_digest
+            self._identity = {
+                "backend": self.backend, "model": str(self.model_dir),
+                "model_digest": folder_digest(self.model_dir),
+                "adapter": None if self.adapter_dir is None else str(self.adapter_dir),
+                "adapter_digest": (None if self.adapter_dir is None
+                                   else folder_digest(self.adapter_dir)),
+                "dtype": self.dtype}
+        return dict(self._identity)
 
     def identity(self) -> str:
-        return (f"transformers|model={self.model_dir}|adapter={self.adapter_dir}|"
-                f"dtype={self.dtype}")
+        from .identity import piped
+        return piped(self.identity_info())
+
+    def describe(self) -> str:
+        adapter = f" + adapter {self.adapter_dir}" if self.adapter_dir is not None else ""
+        return f"transformers backend on {self.model_dir}{adapter}"
 
     # --- loading ------------------------------------------------------------------------
     @property

@@ -97,8 +97,10 @@ class SimulatedClient(BaseClient):
     backend = "simulated"
 
     def __init__(self, attributes, error_rate: float = 0.0, seed: int = 0, cache_dir=None,
-                 rewrites_style: str = "lines", max_batch: Optional[int] = None, **image_options):
-        super().__init__(cache_dir=cache_dir, max_batch=max_batch, **image_options)
+                 rewrites_style: str = "lines", max_batch: "Optional[int] | str" = "auto",
+                 retry_unusable: bool = True, **image_options):
+        super().__init__(cache_dir=cache_dir, max_batch=max_batch, retry_unusable=retry_unusable,
+                         **image_options)
         if not 0.0 <= float(error_rate) <= 1.0:
             raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
         if rewrites_style not in REWRITE_STYLES:
@@ -132,9 +134,13 @@ class SimulatedClient(BaseClient):
         self.stats.update({"flipped": 0, "hallucinated": 0, "unrecognised": 0,
                            "loc": 0, "vqa": 0, "aggr": 0, "dec": 0, "rwt": 0})
 
-    def identity(self) -> str:
-        return (f"simulated:{self._sidecar_digest}|error_rate={self.error_rate}|seed={self.seed}"
-                f"|style={self.rewrites_style}")
+    def identity_info(self) -> dict:
+        # the sidecar's content, not its path: a copy of the dataset elsewhere answers the same
+        return {"backend": self.backend, "attributes_digest": self._sidecar_digest, "error_rate": self.error_rate,
+                "seed": self.seed, "style": self.rewrites_style}
+
+    def describe(self) -> str:
+        return f"simulated MLLM on {self.attributes_path}"
 
     # --- helpers -------------------------------------------------------------------------
     def _rng(self, kind: str, request: Request) -> random.Random:

@@ -86,6 +86,9 @@ class VLLMClient(BaseClient):
     """
 
     backend = "vllm"
+    # Micro-batches big enough to keep a GPU's continuous batching full (max_num_seqs 256),
+    # small enough that a kill loses little.
+    DEFAULT_MAX_BATCH = 256
 
     def __init__(self, model: "str | os.PathLike", *, lora: "str | os.PathLike | None" = None,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.8,
@@ -93,9 +96,10 @@ class VLLMClient(BaseClient):
                  max_num_seqs: "int | None" = None, enforce_eager: bool = False, seed: int = 0,
                  cache_dir: "str | os.PathLike | None" = None,
                  min_pixels: int = DEFAULT_PIXELS, max_pixels: int = DEFAULT_PIXELS,
-                 max_batch: "int | None" = None, engine_kwargs: "dict | None" = None):
+                 max_batch: "int | None | str" = "auto", engine_kwargs: "dict | None" = None,
+                 retry_unusable: bool = True):
         super().__init__(cache_dir=cache_dir, min_pixels=min_pixels, max_pixels=max_pixels,
-                         max_batch=max_batch)
+                         max_batch=max_batch, retry_unusable=retry_unusable)
         self.model_dir = check_model_dir(model)
         self.lora_dir = None if lora is None else check_model_dir(lora, "adapter")
         self.dtype = dtype
@@ -112,9 +116,26 @@ class VLLMClient(BaseClient):
                                     max_lora_rank=lora_rank(self.lora_dir))
         self.engine_args.update(engine_kwargs or {})
         self._llm = None
+        self._identity: "dict | None" = None
+
+    def identity_info(self) -> dict:
+        if self._identity is None:
+            from .identity import folder_digest
+            self._identity = {
+                "backend": self.backend, "model": str(self.model_dir),
+                "model_digest": folder_digest(self.model_dir),
+                "adapter": None if self.lora_dir is None else str(self.lora_dir),
+                "adapter_digest": None if self.lora_dir is None else folder_digest(self.lora_dir),
+                "dtype": self.dtype}
+        return dict(self._identity)
 
     def identity(self) -> str:
-        return f"vllm|model={self.model_dir}|adapter={self.lora_dir}|dtype={self.dtype}"
+        from .identity import piped
+        return piped(self.identity_info())
+
+    def describe(self) -> str:
+        lora = f" + LoRA {self.lora_dir}" if self.lora_dir is not None else ""
+        return f"vLLM offline engine on {self.model_dir}{lora}"
 
     # --- engine -------------------------------------------------------------------------
     def _engine(self):

@@ -1,0 +1,143 @@
+"""``python -m repro SUBCOMMAND``: reproduce one table or figure of the paper (or ``all``).
+
+    python -m repro table1 --world mini                       # the mini paper, docs/results/
+    python -m repro all --world mini --scale ci --runs /tmp/r --out /tmp/o   # CI size
+    python -m repro table1 --world real --root data --mllm /models/Qwen2-VL-7B-Instruct \
+        --lora /models/icl_lora --gpus 2 --dry-run               # commands + expected GPU time
+
+Sub-commands: table1 (CUHK/ICFG/RSTP, groups 1 and 2), table2 (UFine6926), table34
+(cross-domain), table5 (THI on other base models), table6 (ablation), rde_noise (0/0.2/0.5/0.8),
+fig3 (top-1 similarity histograms, xi), fig5 (lambda x xi), fig6 (per THI round), fig7 (top-10
+before/after THI), all. Run directories are the cache: a finished run is never recomputed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Optional
+
+SUBCOMMANDS = ("table1", "table2", "table34", "table5", "table6", "rde_noise",
+               "fig3", "fig5", "fig6", "fig7")
+
+
+def _pairs(items, flag: str) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"{flag} expects DATASET=PATH, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k] = v
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m repro", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=(*SUBCOMMANDS, "all"), help="table or figure")
+    ap.add_argument("--world", choices=("real", "mini"), default="mini")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands and the expected "
+                                                           "time per table; run nothing")
+    ap.add_argument("--out", help="results folder (default: docs/results for mini, results for real)")
+    ap.add_argument("--runs", help="run directories (default: mini: the config's runs; real: runs)")
+    ap.add_argument("--subprocess", action="store_true", help="mini world: one process per job "
+                    "(default there: call train.py/test.py/thi's main in this process)")
+    mini = ap.add_argument_group("mini world")
+    mini.add_argument("--config", default="configs/repro_mini.yaml", help="the mini world's knobs")
+    mini.add_argument("--scale", default="full", help="full, or a scale of the mini config (ci)")
+    mini.add_argument("--train-config", help="training config (overrides the mini config's)")
+    mini.add_argument("--pretrained", help="tiny CLIP checkpoint (overrides the mini config's)")
+    real = ap.add_argument_group("real world")
+    real.add_argument("--root", default="data", help="data root with the benchmarks")
+    real.add_argument("--datasets", default="CUHK-PEDES,ICFG-PEDES,RSTPReid,UFine6926")
+    real.add_argument("--gpus", type=int, default=1, help="GPUs for training (torchrun) and vLLM")
+    real.add_argument("--backend", default="vllm", choices=("vllm", "openai", "transformers"))
+    real.add_argument("--mllm", help="Qwen2-VL-7B-Instruct directory (vllm, transformers)")
+    real.add_argument("--lora", help="the anchor-localization LoRA (THI; Table 6 #2 runs without)")
+    real.add_argument("--base-url", help="openai backend: server URL")
+    real.add_argument("--served-model", help="openai backend: model name")
+    real.add_argument("--rda-file", action="append", metavar="DATASET=PATH",
+                      help="RDA annotation file (e.g. the authors' RDA_data); default: generate it")
+    real.add_argument("--pre-checkpoint", help="group 2 (+pre): ReID-domain pre-trained weights")
+    real.add_argument("--irra-weights", action="append", metavar="DATASET=PATH",
+                      help="Table 5: IRRA's released best.pth per dataset")
+    return ap
+
+
+def make_world(args):
+    from .worlds import MiniWorld, RealWorld
+
+    if args.world == "mini":
+        return MiniWorld.from_file(args.config, runs=args.runs, scale=args.scale,
+                                   train_config=args.train_config, pretrained=args.pretrained)
+    mllm = ["--backend", args.backend]
+    if args.backend == "openai":
+        if not args.dry_run and not (args.base_url and args.served_model):
+            raise SystemExit("--backend openai needs --base-url and --served-model")
+        mllm += ["--base-url", args.base_url or "<url>", "--served-model", args.served_model or "<model>"]
+    else:
+        if not args.dry_run and not args.mllm:
+            raise SystemExit(f"--backend {args.backend} needs --mllm (the Qwen2-VL directory)")
+        mllm += ["--model", args.mllm or "<Qwen2-VL-7B-Instruct>"]
+        if args.backend == "vllm":
+            mllm += ["--tensor-parallel-size", str(args.gpus)]
+    datasets = [d for d in args.datasets.split(",") if d]
+    return RealWorld(root=args.root, runs=args.runs or "runs", datasets=datasets, gpus=args.gpus,
+                     mllm_args=mllm, lora=args.lora, rda_files=_pairs(args.rda_file, "--rda-file"),
+                     pre_checkpoint=args.pre_checkpoint,
+                     irra_weights=_pairs(args.irra_weights, "--irra-weights"))
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.chdir(root)  # train.py, test.py and the configs are addressed from the repository root
+    sys.path.insert(0, root)
+    from .figures import FIGURES
+    from .jobs import Runner, _fmt
+    from .tables import TABLES
+    from .worlds import Unavailable
+
+    world = make_world(args)
+    out = args.out or ("docs/results" if args.world == "mini" else "results")
+    runner = Runner(dry_run=args.dry_run, in_process=args.world == "mini" and not args.subprocess)
+    todo = SUBCOMMANDS if args.what == "all" else (args.what,)
+    funcs = {**TABLES, **FIGURES}
+    summary = []
+    for name in todo:
+        t0 = time.perf_counter()
+        try:
+            res = funcs[name](world, runner, out)
+        except Unavailable as exc:
+            print(f"[repro] {name}: not run: {exc}")
+            summary.append((name, 0, 0.0))
+            continue
+        dt = time.perf_counter() - t0
+        if args.dry_run:
+            summary.append((name, res["jobs"], res["seconds"]))
+        else:
+            summary.append((name, None, dt))
+            print(f"[repro] {name}: done in {dt:.0f} s -> {out}/{name}.md")
+    if args.dry_run:
+        unit = (f"wall-clock time on {world.gpus} GPU(s)" if world.name == "real"
+                else "CPU time (2 cores)")
+        print(f"\nexpected {unit} per table (jobs not done yet; a job shared by two tables "
+              f"is counted at the first):")
+        for name, n, secs in summary:
+            print(f"  {name:10s} {n:3d} jobs  {_fmt(secs)}")
+        print(f"  total      {_fmt(sum(s for _, _, s in summary))}")
+        basis = (world.basis() if hasattr(world, "basis") else None) or __import__(
+            "repro.worlds", fromlist=["REAL_BASIS"]).REAL_BASIS
+        print(f"basis: {basis}")
+    elif args.what == "all":
+        from utils.io import atomic_write_text
+
+        lines = ["# Time per sub-command", "", f"World {world.name}, scale "
+                 f"{getattr(world, 'scale_name', 'full')}; wall-clock seconds on this machine "
+                 "(jobs already done by an earlier sub-command are not counted again).", "",
+                 "| sub-command | seconds |", "| --- | --- |"]
+        lines += [f"| {n} | {s:.0f} |" for n, _, s in summary]
+        lines += [f"| total | {sum(s for _, _, s in summary):.0f} |"]
+        atomic_write_text(os.path.join(out, "timing.md"), "\n".join(lines) + "\n")
+    return 0

@@ -1,0 +1,136 @@
+"""Reading what train.py / test.py / python -m thi wrote (the run-directory contract of
+docs/ARCHITECTURE.md); nothing here computes a model output."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+
+
+def _json(path: str):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: run the job that writes it (python -m repro "
+                                f"... without --dry-run), or check the run directory")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def training_done(run_dir: str) -> bool:
+    """True when train.py finished every epoch of the run's config and evaluated the best one."""
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(run_dir, "config.yaml")):
+        return False
+    import yaml
+
+    with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
+        cfg = yaml.safe_load(f) or {}
+    epochs = _json(path).get("epochs", [])
+    if not epochs or int(epochs[-1]["epoch"]) < int(cfg.get("num_epoch", 0)):
+        return False
+    return os.path.isfile(os.path.join(run_dir, "eval", str(cfg.get("dataset_name")), "metrics.json"))
+
+
+def eval_metrics(run_dir: str, target: str) -> dict:
+    """R1..mINP of ``run_dir/eval/target`` (the model's retrieval similarity, t2i)."""
+    m = _json(os.path.join(run_dir, "eval", target, "metrics.json"))["t2i"]
+    return {k: float(m[k]) for k in METRICS}
+
+
+def best_and_last(run_dir: str) -> dict:
+    """The RDE tables' "Best" (the epoch of the best test R1, as the releases select) and "Last"
+    (the final epoch) metrics, from metrics.json."""
+    data = _json(os.path.join(run_dir, "metrics.json"))
+    evaluated = [e for e in data["epochs"] if e.get("metrics")]
+    if not evaluated:
+        raise ValueError(f"{run_dir}/metrics.json holds no evaluated epoch")
+    best = max(evaluated, key=lambda e: e["metrics"]["t2i"]["R1"])
+    last = evaluated[-1]
+    pick = lambda e: {k: float(e["metrics"]["t2i"][k]) for k in METRICS}  # noqa: E731
+    return {"best": pick(best), "last": pick(last), "best_epoch": int(best["epoch"]),
+            "last_epoch": int(last["epoch"])}
+
+
+def thi_rounds(thi_dir: str) -> dict:
+    """``{"base": metrics, "rounds": [metrics after round 1..K]}`` of a THI results folder."""
+    data = _json(os.path.join(thi_dir, "rounds.json"))
+    rounds = [r["metrics"] for r in data["rounds"] if r.get("metrics")]
+    return {"base": data["base"], "rounds": rounds}
+
+
+def thi_metrics(thi_dir: str) -> dict:
+    """Metrics after the last THI round."""
+    r = thi_rounds(thi_dir)
+    last = r["rounds"][-1] if r["rounds"] else r["base"]
+    return {k: float(last[k]) for k in METRICS}
+
+
+def load_eval(run_dir: str, target: str) -> dict:
+    """Similarity, ids, captions and image paths of an eval folder."""
+    folder = os.path.join(run_dir, "eval", target)
+    return {"similarity": np.load(os.path.join(folder, "similarity.npy")),
+            "q_pids": np.load(os.path.join(folder, "q_pids.npy")),
+            "g_pids": np.load(os.path.join(folder, "g_pids.npy")),
+            "captions": _json(os.path.join(folder, "captions.json")),
+            "image_paths": _json(os.path.join(folder, "image_paths.json"))}
+
+
+def top1_stats(similarity: np.ndarray, q_pids, g_pids) -> dict:
+    """Top-1 similarity of every query and whether that top-1 image is a correct match
+    (the data of the paper's Fig. 3)."""
+    sim = np.asarray(similarity, dtype=np.float32)
+    idx = sim.argmax(axis=1)
+    top1 = sim[np.arange(sim.shape[0]), idx]
+    correct = np.asarray(g_pids)[idx] == np.asarray(q_pids)
+    return {"top1": top1, "correct": correct}
+
+
+def xi_crossover(top1: np.ndarray, correct: np.ndarray) -> float:
+    """The threshold that best separates correct from wrong top-1 retrievals: the fewest correct
+    ones at or below it plus wrong ones above it (where the two histograms of Fig. 3 cross).
+    Ties go to the smallest threshold; a midpoint between neighbouring similarities is returned."""
+    s = np.asarray(top1, dtype=np.float64)
+    c = np.asarray(correct, dtype=bool)
+    if s.size == 0:
+        raise ValueError("no queries")
+    order = np.argsort(s, kind="stable")
+    s, c = s[order], c[order]
+    # threshold after position i (everything <= s[i] is "below"): errors = correct below + wrong above
+    correct_below = np.cumsum(c)
+    wrong_above = (~c).sum() - np.cumsum(~c)
+    errors = np.concatenate([[(~c).sum()], correct_below + wrong_above])  # index 0: below everything
+    best = int(np.argmin(errors))
+    if best == 0:
+        return float(s[0] - 1e-6)
+    if best == s.size:
+        return float(s[-1])
+    return float((s[best - 1] + s[best]) / 2)
+
+
+def xi_of_run(run_dir: str, target: str) -> float:
+    """xi chosen from the run's own Fig. 3 histograms (mini world)."""
+    ev = load_eval(run_dir, target)
+    st = top1_stats(ev["similarity"], ev["q_pids"], ev["g_pids"])
+    return xi_crossover(st["top1"], st["correct"])
+
+
+def sweep_grid(sweep_dir: str) -> dict:
+    return _json(os.path.join(sweep_dir, "sweep.json"))
+
+
+def first_correct_rank(similarity: np.ndarray, q_pids, g_pids) -> np.ndarray:
+    """1-based rank of the first correct gallery image per query."""
+    order = np.argsort(-np.asarray(similarity), axis=1, kind="stable")
+    hits = np.asarray(g_pids)[order] == np.asarray(q_pids)[:, None]
+    return hits.argmax(axis=1) + 1
+
+
+def maybe(fn, *args) -> Optional[dict]:
+    """``fn(*args)`` or None when its files are missing (a table row not run yet)."""
+    try:
+        return fn(*args)
+    except FileNotFoundError:
+        return None

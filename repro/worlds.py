@@ -1,0 +1,410 @@
+"""The two worlds a table can be reproduced in, behind one interface.
+
+``RealWorld``: the benchmarks under ``--root``, the paper's configs (``configs/rde_<ds>.yaml``,
+``configs/icl_<ds>.yaml``), Qwen2-VL through vLLM or an OpenAI-compatible server.
+``MiniWorld``: SynthPEDES domains standing in for the benchmarks, the tiny pre-trained CLIP and
+the simulated MLLM; every knob comes from a YAML (``configs/repro_mini.yaml``).
+
+Both turn "train METHOD on DATASET", "evaluate RUN on TARGET", "THI on RUN/TARGET" into jobs
+(commands plus the file that marks them finished) and name the folders they write.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+from typing import Optional
+
+import yaml
+
+from . import results
+from .jobs import Job, Lazy, py
+
+# What each method of the tables is, on top of the dataset's config. CLIP and IRRA are the
+# RDE architecture trained with their losses (InfoNCE; SDM) and no CCD: stand-ins for the
+# fine-tuned CLIP and the IRRA model of Table 5 when no released checkpoint is given.
+METHODS = {
+    "RDE": {"config": "rde", "overrides": []},
+    "ICL": {"config": "icl", "overrides": []},            # RDE + RDA (the RDA annotation file)
+    "RDE-noCCD": {"config": "rde", "overrides": ["ccd=false"]},
+    "CLIP": {"config": "rde", "overrides": ["loss_names=InfoNCE", "ccd=false"]},
+    "IRRA": {"config": "rde", "overrides": ["loss_names=SDM", "ccd=false"]},
+}
+STEMS = {"CUHK-PEDES": "cuhk_pedes", "ICFG-PEDES": "icfg_pedes", "RSTPReid": "rstpreid",
+         "UFine6926": "ufine6926"}
+PAPER_DATASETS = tuple(STEMS)
+# The paper's xi (Sec. 4.1): 0.5, and 0.55 with ICFG-PEDES as the target.
+PAPER_XI = {"ICFG-PEDES": 0.55}
+
+# Basis of the real world's time estimates. Training pairs: the length of the releases' noise
+# index files (QinYang79/RDE noiseindex/<dataset>_0.2.npy). Test queries: the IRRA test splits.
+# UFine6926's counts are not in the releases: CUHK-PEDES's are assumed. Throughputs are
+# ASSUMPTIONS (no GPU was measured in this repository's sessions): 300 training pairs/s for
+# ViT-B/16 at 384x128, batch 64, autocast, forward + backward + CCD's loss pass, per 24 GB GPU;
+# a THI query costs about 3 MLLM requests and Qwen2-VL-7B on vLLM answers about 4 requests/s.
+TRAIN_PAIRS = {"CUHK-PEDES": 68126, "ICFG-PEDES": 34674, "RSTPReid": 37010}
+TEST_QUERIES = {"CUHK-PEDES": 6156, "ICFG-PEDES": 19848, "RSTPReid": 2000}
+GPU_PAIRS_PER_S = 300.0
+THI_REQUESTS_PER_QUERY = 3.0
+MLLM_REQUESTS_PER_S = 4.0
+REAL_BASIS = ("GPU time = training pairs x epochs / 300 pairs/s per GPU (assumed, not measured) "
+              "+ THI queries x 3 MLLM requests / 4 requests/s (assumed); pair and query counts "
+              "from the releases' noise-index files and the IRRA test splits")
+
+
+class Unavailable(Exception):
+    """A row that this world cannot produce as configured (the message says what is missing)."""
+
+
+def _n(x: float) -> str:
+    return f"{x:g}"
+
+
+class World:
+    """The interface the tables use."""
+
+    name = "?"
+    datasets: tuple = ()
+    time_unit = "GPU"
+    noise_rates: tuple = (0.0, 0.2, 0.5, 0.8)  # RDE's noise table
+    noise_datasets: tuple = ()                 # the noise table's datasets (empty: all)
+    noccd_rates: tuple = ()                    # rates with an RDE-without-CCD row (empty: all > 0)
+
+    def train(self, method: str, dataset: str, *, noise: float = 0.0, group: int = 1):
+        raise NotImplementedError
+
+    def evaluate(self, run_dir: str, source: str, target: str):
+        raise NotImplementedError
+
+    def thi(self, run_dir: str, target_name: str, target: str, *, lora: bool = True):
+        raise NotImplementedError
+
+    def sweep(self, run_dir: str, target_name: str, target: str):
+        raise NotImplementedError
+
+    def paper_dataset(self, dataset: str) -> str:
+        return dataset
+
+    # shared helpers -------------------------------------------------------------------------
+    def run_name(self, method: str, dataset: str, noise: float, group: int) -> str:
+        name = f"{method.lower()}_{dataset}"
+        if noise:
+            name += f"_n{_n(noise)}"
+        if group == 2:
+            name += "_pre"
+        return name
+
+    def model(self, method: str, dataset: str, target: Optional[str] = None, *,
+              noise: float = 0.0, group: int = 1):
+        """Train (or reuse) and evaluate on ``target``: (eval run dir, eval target name, jobs)."""
+        run, jobs = self.train(method, dataset, noise=noise, group=group)
+        erun, tname, ejobs = self.evaluate(run, dataset, target or dataset)
+        return erun, tname, jobs + ejobs
+
+
+class RealWorld(World):
+    """The benchmarks under ``root``; the MLLM options are passed to rda/thi as given."""
+
+    name = "real"
+
+    def __init__(self, *, root: str, runs: str, datasets, gpus: int = 1, mllm_args=(),
+                 lora: Optional[str] = None, rda_files: Optional[dict] = None,
+                 pre_checkpoint: Optional[str] = None, irra_weights: Optional[dict] = None,
+                 rounds: int = 5, lam: float = 0.8, configs: str = "configs",
+                 sweep_lams="0.5,0.6,0.7,0.8,0.9", sweep_xis="0.4,0.45,0.5,0.55,0.6"):
+        self.root, self.runs, self.gpus = root, runs, int(gpus)
+        self.datasets = tuple(datasets)
+        self.mllm_args, self.lora = list(mllm_args), lora
+        self.rda_files = dict(rda_files or {})
+        self.pre_checkpoint, self.irra_weights = pre_checkpoint, dict(irra_weights or {})
+        self.rounds, self.lam, self.configs = int(rounds), float(lam), configs
+        self.sweep_lams, self.sweep_xis = sweep_lams, sweep_xis
+
+    def _train_seconds(self, dataset: str, epochs: int = 60) -> float:
+        pairs = TRAIN_PAIRS.get(dataset, TRAIN_PAIRS["CUHK-PEDES"])
+        return pairs * epochs / GPU_PAIRS_PER_S / max(self.gpus, 1)
+
+    def _thi_seconds(self, dataset: str) -> float:
+        q = TEST_QUERIES.get(dataset, TEST_QUERIES["CUHK-PEDES"])
+        return q * THI_REQUESTS_PER_QUERY / MLLM_REQUESTS_PER_S
+
+    def rda_file(self, dataset: str) -> tuple:
+        if dataset in self.rda_files:
+            return self.rda_files[dataset], []
+        out = os.path.join(self.runs, "rda", f"{dataset}.rda.json")
+        job = Job(f"RDA generation ({dataset})",
+                  py("-m", "rda", "generate", "--dataset", dataset, "--root", self.root, "--out",
+                     out, *self.mllm_args, "--no-progress"), out,
+                  seconds=TRAIN_PAIRS.get(dataset, TRAIN_PAIRS["CUHK-PEDES"]) * 6 / MLLM_REQUESTS_PER_S,
+                  basis="training captions x ~6 MLLM requests (VQA, aggregation, decomposition, "
+                        "rewrites) / 4 requests/s (assumed)")
+        return out, [job]
+
+    def train(self, method, dataset, *, noise=0.0, group=1):
+        spec = METHODS[method]
+        if method == "IRRA" and dataset in self.irra_weights:
+            run = os.path.join(self.runs, f"irra_release_{dataset}")
+            cfg = os.path.join(self.configs, f"rde_{STEMS[dataset]}.yaml")
+            job = Job(f"evaluate IRRA's released weights on {dataset}",
+                      py("test.py", run, f"root_dir={self.root}", "--weights",
+                         self.irra_weights[dataset], "--config", cfg, "--root", self.root,
+                         "--no-progress"),
+                      os.path.join(run, "eval", dataset, "metrics.json"),
+                      seconds=60, basis="one test-set pass")
+            return run, [job]
+        jobs = []
+        cfg = os.path.join(self.configs, f"{spec['config']}_{STEMS[dataset]}.yaml")
+        name = self.run_name(method, dataset, noise, group)
+        run = os.path.join(self.runs, name)
+        over = [f"root_dir={self.root}", f"name={name}", "resume=true", *spec["overrides"]]
+        if noise:
+            over.append(f"noisy_rate={_n(noise)}")
+        if method == "ICL":
+            rda, rjobs = self.rda_file(dataset)
+            jobs += rjobs
+            over.append(f"anno_file={rda}")
+        if group == 2:
+            if not self.pre_checkpoint:
+                raise Unavailable("group 2 (+pre) needs --pre-checkpoint (the ReID-domain "
+                                  "pre-trained weights the paper takes from NAM)")
+            over.append(f"init_checkpoint={self.pre_checkpoint}")
+        launcher = (["torchrun", "--nproc_per_node", str(self.gpus), "train.py"] if self.gpus > 1
+                    else py("train.py"))
+        argv = [*launcher, "--config", cfg, "--run-dir", run, "--no-progress", *over]
+        jobs.append(Job(f"train {name}", argv, os.path.join(run, "eval", dataset, "metrics.json"),
+                        seconds=self._train_seconds(dataset), basis=REAL_BASIS))
+        return run, jobs
+
+    def evaluate(self, run_dir, source, target):
+        if target == source:
+            return run_dir, target, []
+        job = Job(f"evaluate {os.path.basename(run_dir)} on {target}",
+                  py("test.py", run_dir, "--dataset", target, "--root", self.root, "--no-progress"),
+                  os.path.join(run_dir, "eval", target, "metrics.json"),
+                  seconds=120, basis="one test-set pass (about 2 min, assumed)")
+        return run_dir, target, [job]
+
+    def thi(self, run_dir, target_name, target, *, lora=True):
+        suffix = "" if lora else "_nolora"
+        out = os.path.join(run_dir, "thi", target_name + suffix)
+        args = list(self.mllm_args)
+        if lora and self.lora:
+            args += ["--lora", self.lora]
+        xi = PAPER_XI.get(target, 0.5)
+        argv = py("-m", "thi", "--run", run_dir, "--target", target_name, "--root", self.root,
+                  *args, "--xi", _n(xi), "--lam", _n(self.lam), "--rounds", str(self.rounds),
+                  "--out", out, "--cache-dir", os.path.join(run_dir, "mllm_cache" + suffix),
+                  "--no-progress")
+        return out, [Job(f"THI{'' if lora else ' (no LoRA)'} {os.path.basename(run_dir)} -> {target}",
+                         argv, os.path.join(out, "cost.json"), seconds=self._thi_seconds(target),
+                         basis=REAL_BASIS)]
+
+    def sweep(self, run_dir, target_name, target):
+        out = os.path.join(run_dir, "thi", target_name, "sweep")
+        args = list(self.mllm_args) + (["--lora", self.lora] if self.lora else [])
+        argv = py("-m", "thi", "sweep", "--run", run_dir, "--target", target_name, "--root",
+                  self.root, *args, "--lams", self.sweep_lams, "--xis", self.sweep_xis,
+                  "--rounds", str(self.rounds), "--out", out,
+                  "--cache-dir", os.path.join(run_dir, "mllm_cache"), "--no-progress")
+        n_xi = len(self.sweep_xis.split(","))
+        return out, [Job(f"THI sweep {os.path.basename(run_dir)} -> {target}", argv,
+                         os.path.join(out, "sweep.json"),
+                         seconds=self._thi_seconds(target) * (1 + 0.2 * (n_xi - 1)),
+                         basis=REAL_BASIS + "; later xi reuse the cached localization answers")]
+
+
+class MiniWorld(World):
+    """SynthPEDES domains standing in for the paper's datasets (``configs/repro_mini.yaml``)."""
+
+    name = "mini"
+    time_unit = "CPU"
+
+    def __init__(self, cfg: dict, *, runs: Optional[str] = None, scale: str = "full",
+                 train_config: Optional[str] = None, pretrained: Optional[str] = None):
+        self.cfg = cfg
+        self.scale_name = scale
+        sc = (cfg.get("scales") or {}).get(scale, {}) if scale != "full" else {}
+        if scale != "full" and not sc:
+            raise ValueError(f"the mini config has no scale {scale!r} (scales: "
+                             f"{sorted(cfg.get('scales') or {})})")
+        self.scale = sc
+        self.runs = runs or cfg["runs"]
+        # a scale may replace the backbone and the training config (CI: a random tiny CLIP)
+        cfg = {**cfg, **{k: sc[k] for k in ("pretrained", "pretrain_command", "train_config") if k in sc}}
+        cfg["pretrained"] = str(cfg["pretrained"]).replace("{runs}", self.runs)
+        self.cfg = cfg
+        self.train_config = train_config or cfg["train_config"]
+        self.pretrained = pretrained or cfg["pretrained"]
+        self.domains = {}
+        for ds, dom in cfg["domains"].items():
+            if ds not in STEMS:
+                raise ValueError(f"mini config: domain {ds!r} is not one of {PAPER_DATASETS}")
+            dom = {**dom, **{k: v for k, v in sc.get("domain", {}).items()}}
+            if scale != "full":  # small data of its own, never the full-scale folders
+                dom["root"] = os.path.join(self.runs, f"data_{STEMS[ds]}")
+            self.domains[ds] = dom
+        self.datasets = tuple(self.domains)
+        thi = {**cfg.get("thi", {}), **sc.get("thi", {})}
+        self.xi, self.lam = thi.get("xi", "auto"), float(thi.get("lam", 0.8))
+        self.rounds = int(thi.get("rounds", 5))
+        self.error_rate, self.mllm_seed = float(thi.get("error_rate", 0.0)), int(thi.get("seed", 0))
+        self.nolora_error_rate = float(cfg.get("thi_nolora", {}).get("error_rate", 0.3))
+        self.secs = cfg.get("cpu_seconds", {})
+        self.noise_rates = tuple(sc.get("noise_rates", cfg.get("noise_rates", self.noise_rates)))
+        self.noise_datasets = tuple(cfg.get("noise_datasets") or ())
+        self.noccd_rates = tuple(float(r) for r in cfg.get("noccd_rates") or ())
+
+    @classmethod
+    def from_file(cls, path: str, **kw) -> "MiniWorld":
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"mini-world config {path} not found (configs/repro_mini.yaml)")
+        with open(path, encoding="utf-8") as f:
+            return cls(yaml.safe_load(f), **kw)
+
+    def paper_dataset(self, dataset):
+        return dataset
+
+    def root(self, dataset: str) -> str:
+        return self.domains[dataset]["root"]
+
+    def _pairs(self, dataset: str) -> int:
+        d = self.domains[dataset]
+        return int(d["num_ids"] * 0.6) * int(d.get("images_per_id", 2)) * int(d.get("captions_per_image", 2))
+
+    def _queries(self, dataset: str) -> int:
+        d = self.domains[dataset]
+        return int(d["num_ids"] * 0.3) * int(d.get("images_per_id", 2)) * int(d.get("captions_per_image", 2))
+
+    def _epochs(self) -> int:
+        for o in self.scale.get("train", []):
+            if o.startswith("num_epoch="):
+                return int(o.split("=", 1)[1])
+        with open(self.train_config, encoding="utf-8") as f:
+            return int((yaml.safe_load(f) or {}).get("num_epoch", 60))
+
+    def basis(self) -> str:
+        s = self.secs
+        return (f"CPU time = training pairs x epochs x {s.get('per_pair_epoch', 0.0):g} s + THI "
+                f"queries x {s.get('per_thi_query', 0.0):g} s per round, measured on the 2-core "
+                f"session machine ({s.get('measured', 'not measured yet')})")
+
+    def prepare(self, dataset: str) -> list:
+        """Jobs that write the domain's SynthPEDES folder and the pre-trained tiny CLIP."""
+        d = self.domains[dataset]
+        folder = os.path.join(d["root"], "SynthPEDES")
+        jobs = [Job(f"generate the {dataset} domain (SynthPEDES, seed {d.get('seed', 0)})",
+                    py("-m", "datasets.synthpedes", folder, "--num-ids", str(d["num_ids"]),
+                       "--images-per-id", str(d.get("images_per_id", 2)),
+                       "--captions-per-image", str(d.get("captions_per_image", 2)),
+                       "--seed", str(d.get("seed", 0))),
+                    os.path.join(folder, "reid_raw.json"), seconds=d["num_ids"] * 0.02,
+                    basis=self.basis())]
+        cmd = self.cfg.get("pretrain_command")
+        if cmd:
+            argv = [a.replace("{out}", self.pretrained) for a in shlex.split(cmd)]
+            if argv and argv[0] == "python":
+                argv = py(*argv[1:])
+            jobs.append(Job("pre-train the tiny CLIP", argv, self.pretrained,
+                            seconds=float(self.secs.get("pretrain", 0.0)), basis=self.basis()))
+        elif not os.path.isfile(self.pretrained):
+            raise Unavailable(f"no tiny CLIP checkpoint at {self.pretrained}: set pretrain_command "
+                              f"in the mini config or pass --pretrained")
+        return jobs
+
+    def rda_file(self, dataset: str) -> tuple:
+        out = os.path.join(self.runs, "rda", f"{STEMS[dataset]}.rda.json")
+        job = Job(f"RDA generation ({dataset} domain, simulated MLLM)",
+                  py("-m", "rda", "generate", "--dataset", "SynthPEDES", "--root",
+                     self.root(dataset), "--out", out, "--backend", "simulated",
+                     "--rewrites", str(self.cfg.get("rda", {}).get("rewrites", 3)), "--no-progress"),
+                  out, seconds=self._pairs(dataset) * float(self.secs.get("per_rda_pair", 0.0)),
+                  basis=self.basis())
+        return out, [job]
+
+    def train(self, method, dataset, *, noise=0.0, group=1):
+        spec = METHODS[method]
+        jobs = self.prepare(dataset)
+        name = self.run_name(method, dataset, noise, group)
+        run = os.path.join(self.runs, name)
+        over = [f"root_dir={self.root(dataset)}", "dataset_name=SynthPEDES",
+                f"pretrain_choice={self.pretrained}", f"name={name}", "resume=true",
+                *self.cfg.get("train_overrides", []), *spec["overrides"],
+                *self.scale.get("train", [])]
+        if noise:
+            over.append(f"noisy_rate={_n(noise)}")
+        if method == "ICL":
+            rda, rjobs = self.rda_file(dataset)
+            jobs += rjobs
+            over.append(f"anno_file={rda}")
+        if group == 2:
+            src = (self.cfg.get("group2_init") or {}).get(dataset)
+            if not src or src not in self.domains:
+                raise Unavailable(f"group 2 (+pre) on {dataset}: set group2_init.{dataset} in the "
+                                  f"mini config to another domain")
+            pre_run, pjobs = self.train("RDE", src)
+            jobs += pjobs
+            over.append(f"init_checkpoint={os.path.join(pre_run, 'best.pth')}")
+        argv = py("train.py", "--config", self.train_config, "--run-dir", run, "--no-progress", *over)
+        secs = self._pairs(dataset) * self._epochs() * float(self.secs.get("per_pair_epoch", 0.0))
+        jobs.append(Job(f"train {name}", argv, os.path.join(run, "eval", "SynthPEDES", "metrics.json"),
+                        seconds=secs, basis=self.basis()))
+        return run, jobs
+
+    def evaluate(self, run_dir, source, target):
+        if target == source:
+            return run_dir, "SynthPEDES", []
+        # Every domain is a SynthPEDES folder under its own root, so a cross-domain evaluation
+        # gets a run directory of its own (the same weights and config, the target's root).
+        erun = f"{run_dir}__on_{target}"
+        job = Job(f"evaluate {os.path.basename(run_dir)} on the {target} domain",
+                  py("test.py", erun, f"root_dir={self.root(target)}", "anno_file=null",
+                     "noisy_rate=0.0", "init_checkpoint=null", "--weights",
+                     os.path.join(run_dir, "best.pth"), "--config",
+                     os.path.join(run_dir, "config.yaml"), "--no-progress"),
+                  os.path.join(erun, "eval", "SynthPEDES", "metrics.json"),
+                  seconds=self._queries(target) * float(self.secs.get("per_eval_query", 0.0)),
+                  basis=self.basis())
+        return erun, "SynthPEDES", self.prepare(target) + [job]
+
+    def xi_arg(self, run_dir: str, target_name: str):
+        if self.xi != "auto":
+            return _n(float(self.xi))
+        return Lazy(lambda: f"{results.xi_of_run(run_dir, target_name):.4f}",
+                    f"<xi: Fig. 3 crossover of {run_dir}/eval/{target_name}>")
+
+    def _thi_common(self, run_dir, target_name, target, error_rate):
+        d = self.domains[target]
+        return ["--run", run_dir, "--target", target_name, "--root", d["root"],
+                "--backend", "simulated", "--error-rate", _n(error_rate),
+                "--seed", str(self.mllm_seed), "--rounds", str(self.rounds), "--no-progress"]
+
+    def thi(self, run_dir, target_name, target, *, lora=True):
+        suffix = "" if lora else "_nolora"
+        out = os.path.join(run_dir, "thi", target_name + suffix)
+        err = self.error_rate if lora else self.nolora_error_rate
+        argv = py("-m", "thi", *self._thi_common(run_dir, target_name, target, err),
+                  "--xi", self.xi_arg(run_dir, target_name), "--lam", _n(self.lam), "--out", out,
+                  "--cache-dir", os.path.join(run_dir, "mllm_cache" + suffix))
+        secs = self._queries(target) * self.rounds * float(self.secs.get("per_thi_query", 0.0))
+        return out, [Job(f"THI{'' if lora else ' (MLLM without LoRA: error rate ' + _n(err) + ')'} "
+                         f"{os.path.basename(run_dir)}", argv, os.path.join(out, "cost.json"),
+                         seconds=secs, basis=self.basis())]
+
+    def sweep(self, run_dir, target_name, target):
+        sw = {**self.cfg.get("sweep", {}), **self.scale.get("sweep", {})}
+        lams = ",".join(_n(v) for v in sw.get("lams", [0.5, 0.6, 0.7, 0.8, 0.9]))
+        qs = sw.get("xi_quantiles", [0.1, 0.3, 0.5, 0.7, 0.9])
+
+        def xis() -> str:  # quantiles of the run's own top-1 similarities (its scale, not CLIP's)
+            import numpy as np
+
+            ev = results.load_eval(run_dir, target_name)
+            top1 = ev["similarity"].max(axis=1)
+            return ",".join(f"{float(np.quantile(top1, q)):.4f}" for q in qs)
+
+        out = os.path.join(run_dir, "thi", target_name, "sweep")
+        argv = py("-m", "thi", "sweep", *self._thi_common(run_dir, target_name, target, self.error_rate),
+                  "--lams", lams, "--xis", Lazy(xis, f"<top-1 similarity quantiles {qs}>"),
+                  "--out", out, "--cache-dir", os.path.join(run_dir, "mllm_cache"))
+        secs = self._queries(target) * self.rounds * len(qs) * float(self.secs.get("per_thi_query", 0.0))
+        return out, [Job(f"THI sweep {os.path.basename(run_dir)}", argv,
+                         os.path.join(out, "sweep.json"), seconds=secs, basis=self.basis())]
