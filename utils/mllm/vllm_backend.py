@@ -36,9 +36,10 @@ MERGE_HINT = ("merge the adapter into the base model first (`llamafactory-cli ex
               "without lora")
 
 
-# vLLM 0.3x logs this once at the first LoRA request of every engine, whatever the adapter folder
-# holds: with or without the tokenizer files LLaMA-Factory saves next to the adapter (checked with
-# a bare PEFT adapter). We always use the base model's tokenizer, which is what it recommends.
+# vLLM 0.32 logs this once per engine at the first LoRA request, whatever the adapter folder holds
+# (InputProcessor._validate_lora warns whenever the engine has a tokenizer; it never opens the
+# tokenizer files LLaMA-Factory saves next to the adapter). The base model's tokenizer, which
+# vLLM uses, is the right one for ICL's adapters, so the line says nothing about them.
 _LORA_TOKENIZER_NOTICE = "deprecated support for supporting different tokenizers for different LoRAs"
 
 
