@@ -48,6 +48,13 @@ class _DropLoraTokenizerNotice(logging.Filter):
         return _LORA_TOKENIZER_NOTICE not in record.getMessage()
 
 
+def quiet_lora_tokenizer_notice() -> None:
+    """Drop ``_LORA_TOKENIZER_NOTICE`` from vLLM's input-processor log (once per process)."""
+    notice = logging.getLogger("vllm.v1.engine.input_processor")
+    if not any(isinstance(f, _DropLoraTokenizerNotice) for f in notice.filters):
+        notice.addFilter(_DropLoraTokenizerNotice())
+
+
 def lora_rank(adapter_dir) -> int:
     """The smallest rank vLLM accepts that holds the adapter's ``r`` (adapter_config.json)."""
     cfg_path = os.path.join(adapter_dir, "adapter_config.json")
@@ -164,10 +171,8 @@ class VLLMClient(BaseClient):
     def _lora_request(self, use_lora: bool):
         if self.lora_dir is None or not use_lora:
             return None
+        quiet_lora_tokenizer_notice()
         from vllm.lora.request import LoRARequest
-        notice = logging.getLogger("vllm.v1.engine.input_processor")
-        if not any(isinstance(f, _DropLoraTokenizerNotice) for f in notice.filters):
-            notice.addFilter(_DropLoraTokenizerNotice())
         return LoRARequest("adapter", 1, str(self.lora_dir))
 
     def _chats(self, requests: Sequence[Request]) -> list[list[dict]]:
