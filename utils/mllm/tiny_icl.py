@@ -26,8 +26,12 @@ steps (220 s) do not reach the teacher's choices: the greedy answers are Yes for
 localization pair, 6% of VQA answers and no aggregation are the teacher's for that input
 (``evaluate``); 600 steps with balanced Yes/No answered No everywhere. The localization set is
 therefore Yes-heavy (every "Yes" pair and only 2 hard "No" per caption), so that an undertrained
-model says Yes and THI finds anchors and runs every stage. Training it into a faithful copy of
-the teacher needs far more steps than CI's budget here.
+model says Yes and THI finds anchors and runs every stage. In THI on the CI fixtures (96
+queries, vLLM, float32): 48 anchors (the teacher finds 20; 46% of the queries have the teacher's
+anchor or none), every VQA answer parsed, and 2 of 48 aggregation prompts answered with a
+description (the other 46 hold a sub-text list it never saw, split into unfamiliar tokens, and
+get an empty turn, which THI counts as a parse failure). Training it into a faithful copy of the
+teacher needs far more steps than CI's budget here.
 
     python -m utils.mllm.tiny_icl DATASET_DIR OUT [--split test] [--rda-pairs 16] [--steps N]
 
