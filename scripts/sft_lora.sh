@@ -7,7 +7,8 @@
 #   DATASET_DIR  folder written by `python -m rda sft --out DATASET_DIR` (dataset_info.json)
 #   key=value    any other LLaMA-Factory option, e.g. dataset=icl_anchor num_train_epochs=1
 # env:   LF_VENV    LLaMA-Factory venv (default .venv-llamafactory, see scripts/install_llamafactory.sh)
-#        TRAIN_YAML (default configs/llamafactory/qwen2vl_lora_sft.yaml)
+#        TRAIN_YAML (default configs/llamafactory/qwen2vl_lora_sft.yaml; without a CUDA GPU
+#                   the same recipe in float32: bf16=false is added, since bf16 needs a GPU)
 #        EXPORT_YAML (default configs/llamafactory/qwen2vl_export.yaml)
 #        the tiny CPU variants are configs/llamafactory/tiny_qwen2vl_{lora_sft,export}.yaml
 #
@@ -40,9 +41,17 @@ case $CMD in
     MODEL=$(model_ref "$1"); DATA=$(abspath "$2"); OUT=$(abspath "$3"); shift 3
     YAML=$(abspath "${TRAIN_YAML:-$REPO/configs/llamafactory/qwen2vl_lora_sft.yaml}")
     [ -f "$DATA/dataset_info.json" ] || { echo "sft_lora.sh: $DATA/dataset_info.json not found; write it with: python -m rda sft --run RUN --root DATA --out $DATA" >&2; exit 1; }
+    CPU_ARGS=()
+    # The paper's recipe trains in bf16, which LLaMA-Factory refuses without a GPU ("Your setup
+    # doesn't support bf16/gpu"): on a machine without CUDA run the same recipe in float32 and
+    # with single-process data loading. Options given after the paths still win.
+    if ! "$LF_VENV/bin/python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+      echo "sft_lora.sh: no CUDA GPU: training in float32 on CPU (bf16=false preprocessing_num_workers=1 dataloader_num_workers=0)" >&2
+      CPU_ARGS=(bf16=false preprocessing_num_workers=1 dataloader_num_workers=0)
+    fi
     mkdir -p "$OUT"
     cd "$DATA"
-    exec "$LF" train "$YAML" model_name_or_path="$MODEL" dataset_dir="$DATA" output_dir="$OUT" "$@"
+    exec "$LF" train "$YAML" model_name_or_path="$MODEL" dataset_dir="$DATA" output_dir="$OUT" ${CPU_ARGS[@]+"${CPU_ARGS[@]}"} "$@"
     ;;
   export)
     MODEL=$(model_ref "$1"); ADAPTER=$(abspath "$2"); OUT=$(abspath "$3"); shift 3

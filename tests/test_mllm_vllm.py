@@ -147,3 +147,20 @@ def test_missing_vllm_says_how_to_install(monkeypatch, tmp_path):
         client.generate([Request("hi")])
     assert client.engine_args["limit_mm_per_prompt"] == {"image": 1, "video": 0}
     assert client.engine_args["mm_processor_kwargs"]["size"]["shortest_edge"] == 28 * 28
+
+
+def test_lora_tokenizer_notice_is_dropped_and_nothing_else(caplog):
+    """vLLM's once-per-engine LoRA tokenizer deprecation line is filtered; its other lines pass."""
+    import logging
+
+    from utils.mllm.vllm_backend import quiet_lora_tokenizer_notice
+
+    quiet_lora_tokenizer_notice()
+    quiet_lora_tokenizer_notice()  # idempotent: one filter
+    log = logging.getLogger("vllm.v1.engine.input_processor")
+    assert len(log.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        log.warning("vLLM has deprecated support for supporting different tokenizers for "
+                    "different LoRAs. By default, vLLM uses base model's tokenizer.")
+        log.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]

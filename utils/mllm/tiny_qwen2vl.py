@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -58,21 +58,74 @@ def _corpus() -> Iterator[str]:
         yield " ".join(words[(i * k + k * k) % len(words)] for k in range(1, 12)) + f" {i}."
 
 
-def build_tokenizer():
-    """Train the byte-level BPE tokenizer and wrap it as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(corpus: "Iterable[str] | None" = None, vocab_size: int = VOCAB_SIZE,
+                    split_pattern: "str | None" = None):
+    """Train the byte-level BPE tokenizer and wrap it as a transformers fast tokenizer.
+
+    ``corpus``: the training texts (default: a small English-ish corpus). ``split_pattern``: a
+    regex whose matches are isolated before BPE, which then merges freely across spaces inside
+    the pieces between them (default: split into words, as GPT-2/Qwen do)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_pattern is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split_pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_corpus(), trainer)
+    tok.train_from_iterator(_corpus() if corpus is None else corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", unk_token=None,
                                    chat_template=CHAT_TEMPLATE, model_max_length=4096)
+
+
+def make_model(tokenizer, *, seed: int = 0, dtype: str = "float32", hidden: int = 64,
+               layers: int = 2, intermediate: int = 128, min_pixels: int = MIN_PIXELS,
+               max_pixels: int = MAX_PIXELS):
+    """A random Qwen2-VL around ``tokenizer`` (vocabulary = the tokenizer's) and its processor:
+    ``(model, processor)``, not saved. Attention heads have head_dim 32 (``hidden`` a multiple
+    of 32): vLLM's CPU attention rejects head_dim < 32, and mrope_section [4, 6, 6] must sum to
+    head_dim / 2."""
+    import torch
+    from transformers import (GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if hidden % 32:
+        raise ValueError(f"hidden must be a multiple of 32 (head_dim 32), got {hidden}")
+    torch.manual_seed(seed)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
+        video_processor=Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
+        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    heads = hidden // 32
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden,
+                         intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=4096, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6],
+                                          "rope_theta": 1000000.0},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=2, embed_dim=64, hidden_size=hidden, num_heads=2, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False, dtype=dtype)
+    model = Qwen2VLForConditionalGeneration(config).to(getattr(torch, dtype)).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]])
+    return model, processor
 
 
 def build_tiny_qwen2vl(out_dir: str | os.PathLike, *, seed: int = 0, dtype: str = "float32",
@@ -84,43 +137,11 @@ def build_tiny_qwen2vl(out_dir: str | os.PathLike, *, seed: int = 0, dtype: str 
     are large enough to change greedy outputs. Returns ``out_dir`` as a Path.
     """
     import torch
-    from transformers import (GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
 
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-
-    tokenizer = build_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
-        video_processor=Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
-        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    model, processor = make_model(build_tokenizer(), seed=seed, dtype=dtype)
     processor.save_pretrained(out)
-
-    # head_dim = 64 / 2 = 32: vLLM's CPU attention rejects head_dim < 32. mrope_section must sum
-    # to head_dim / 2.
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                         max_position_embeddings=4096, rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6],
-                                          "rope_theta": 1000000.0},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, embed_dim=64, hidden_size=64, num_heads=2, mlp_ratio=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False, dtype=dtype)
-    torch_dtype = getattr(torch, dtype)
-    model = Qwen2VLForConditionalGeneration(config).to(torch_dtype).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]])
     model.save_pretrained(out)
 
     if lora_dir is not None:

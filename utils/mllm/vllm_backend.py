@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 from typing import Sequence
 
@@ -33,6 +34,25 @@ INSTALL_HINT = ("install it: on a CUDA GPU machine `pip install vllm` into this 
 MERGE_HINT = ("merge the adapter into the base model first (`llamafactory-cli export` with "
               "adapter_name_or_path and export_dir) and pass the merged folder as model, "
               "without lora")
+
+
+# vLLM 0.32 logs this once per engine at the first LoRA request, whatever the adapter folder holds
+# (InputProcessor._validate_lora warns whenever the engine has a tokenizer; it never opens the
+# tokenizer files LLaMA-Factory saves next to the adapter). The base model's tokenizer, which
+# vLLM uses, is the right one for ICL's adapters, so the line says nothing about them.
+_LORA_TOKENIZER_NOTICE = "deprecated support for supporting different tokenizers for different LoRAs"
+
+
+class _DropLoraTokenizerNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _LORA_TOKENIZER_NOTICE not in record.getMessage()
+
+
+def quiet_lora_tokenizer_notice() -> None:
+    """Drop ``_LORA_TOKENIZER_NOTICE`` from vLLM's input-processor log (once per process)."""
+    notice = logging.getLogger("vllm.v1.engine.input_processor")
+    if not any(isinstance(f, _DropLoraTokenizerNotice) for f in notice.filters):
+        notice.addFilter(_DropLoraTokenizerNotice())
 
 
 def lora_rank(adapter_dir) -> int:
@@ -151,6 +171,7 @@ class VLLMClient(BaseClient):
     def _lora_request(self, use_lora: bool):
         if self.lora_dir is None or not use_lora:
             return None
+        quiet_lora_tokenizer_notice()
         from vllm.lora.request import LoRARequest
         return LoRARequest("adapter", 1, str(self.lora_dir))
 
