@@ -101,14 +101,8 @@ class TransformersClient(BaseClient):
 
     def identity_info(self) -> dict:
         if self._identity is None:
-            from .identity import folder_digest
-            self._identity = {
-                "backend": self.backend, "model": str(self.model_dir),
-                "model_digest": folder_digest(self.model_dir),
-                "adapter": None if self.adapter_dir is None else str(self.adapter_dir),
-                "adapter_digest": (None if self.adapter_dir is None
-                                   else folder_digest(self.adapter_dir)),
-                "dtype": self.dtype}
+            from .identity import local_identity
+            self._identity = local_identity(self.backend, self.model_dir, self.adapter_dir, self.dtype)
         return dict(self._identity)
 
     def identity(self) -> str:

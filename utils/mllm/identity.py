@@ -55,6 +55,15 @@ def folder_digest(folder: "str | os.PathLike[str]") -> str:
     return h.hexdigest()[:16]
 
 
+def local_identity(backend: str, model_dir, adapter_dir, dtype: str) -> dict:
+    """What a local engine's answers depend on: the model folder and the adapter folder (each with
+    its content digest) and the dtype."""
+    return {"backend": backend, "model": str(model_dir), "model_digest": folder_digest(model_dir),
+            "adapter": None if adapter_dir is None else str(adapter_dir),
+            "adapter_digest": None if adapter_dir is None else folder_digest(adapter_dir),
+            "dtype": dtype}
+
+
 def identity_info(client) -> dict:
     """The identity of ``client`` as a flat dict (``client.identity_info()`` when it has one,
     else its ``identity()`` string, else its type): what a THI or RDA results folder records
