@@ -2,7 +2,7 @@
 ``python tests/doc_blocks.py`` lists every block and how it is treated).
 
 Convention (docs writers): every ```bash block is executed by CI from the repository root after
-`make demo` (work/data = SynthPEDES, work/pretrained/tiny_clip.pt, work/runs/demo_synthpedes),
+`make demo` (work/data = SynthPEDES, work/pretrained/tiny_clip_synthpretrain.pt, work/runs/demo_synthpedes),
 with the project venv first on PATH, unless the line right before its opening fence is
 
     <!-- not-run: REASON -->     never run (needs a GPU, the real CUHK-PEDES, Qwen2-VL-7B, ...)

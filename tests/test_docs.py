@@ -98,7 +98,7 @@ def demo_repo(tmp_path_factory) -> str:
     rc, out, cpu = _run(cmd, repo, _env(repo, ".venv"), 1800)
     assert rc == 0, out
     print(f"[docs] demo state built with {cpu:.0f} s of CPU")
-    for path in ("work/data/SynthPEDES/reid_raw.json", "work/pretrained/tiny_clip.pt",
+    for path in ("work/data/SynthPEDES/reid_raw.json", "work/pretrained/tiny_clip_synthpretrain.pt",
                  "work/runs/demo_synthpedes/best.pth", "work/runs/demo_synthpedes/eval/SynthPEDES/similarity.npy"):
         assert os.path.exists(os.path.join(repo, path)), path
     return repo
