@@ -21,7 +21,6 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -125,15 +124,15 @@ def _cpu_seconds(pid: int) -> float:
 def serve(num_g: int, port: int, kind: str) -> None:
     """Subprocess mode: serve an engine over a synthetic gallery until killed."""
     import torch
-    import uvicorn
 
     from thi.app import create_app
+    from thi.app.launch import serve as serve_app
 
     torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory() as tmp:
         model, cfg = build_model(kind, tmp)
         engine = build_engine(model, cfg, num_g)
-    uvicorn.run(create_app(engine), host="127.0.0.1", port=port, log_level="warning")
+    serve_app(create_app(engine), "127.0.0.1", port)
 
 
 def search_throughput(num_g: int, kind: str, clients: int, per_client: int) -> dict:
@@ -142,22 +141,12 @@ def search_throughput(num_g: int, kind: str, clients: int, per_client: int) -> d
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", str(num_g),
-                             "--port", str(port), "--model", kind], cwd=ROOT)
+    from thi.app.launch import start_server
+
+    proc = start_server([sys.executable, os.path.abspath(__file__), "--serve", str(num_g),
+                         "--port", str(port), "--model", kind], cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("the benchmark server exited")
-            try:
-                if httpx.get(url + "/api/info", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the benchmark server did not start within 300 s")
-            time.sleep(0.2)
         with httpx.Client() as warm:  # first requests pay one-off costs
             for i in range(3):
                 warm.post(url + "/api/search", data={"kind": "text", "text": f"{QUERY} w{i}"})

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+
+from thi.app.launch import start_server
 
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
@@ -54,32 +54,19 @@ def server(trained_run, synth_root, tmp_path_factory):
     """``python -m thi.app`` on a free port; yields its base URL."""
     _need("the playwright package", _has_playwright())
     _need(CHROMIUM, os.path.exists(CHROMIUM))
-    import httpx
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path_factory.mktemp("srv") / "server.log", "w+")
-    proc = subprocess.Popen(
+    # Waits for the server's ready line on its stdout (no polling on a clock); a server that
+    # exits first raises with its output.
+    proc = start_server(
         [sys.executable, "-m", "thi.app", "--run", trained_run, "--root", synth_root,
          "--dataset", "SynthPEDES", "--backend", "simulated", "--device", "cpu",
          "--no-progress", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        cwd=ROOT, log=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:  # wait for the server to answer (start-up loads torch and the model)
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"python -m thi.app exited:\n{log.read()}")
-            try:
-                if httpx.get(url + "/api/info", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("python -m thi.app did not answer within 120 s")
-            time.sleep(0.2)
         yield url
     finally:
         proc.terminate()

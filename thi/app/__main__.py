@@ -41,11 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
-    import uvicorn
-
     from utils.logger import setup_logger
 
     from . import create_app
+    from .launch import serve
     from .loader import build_engine
 
     logger = setup_logger("ICL")
@@ -53,7 +52,7 @@ def main(argv: Optional[list] = None) -> int:
     logger.info("serving %d gallery images of %s (%s) on http://%s:%d/", engine.num_gallery,
                 engine.info["dataset"], engine.info["gallery_source"], args.host, args.port)
     try:
-        uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level="warning")
+        serve(create_app(engine), args.host, args.port)
     finally:
         close = getattr(engine.client, "close", None)
         if close is not None:
