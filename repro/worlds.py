@@ -100,6 +100,16 @@ class World:
         erun, tname, ejobs = self.evaluate(run, dataset, target or dataset)
         return erun, tname, jobs + ejobs
 
+    def _noise_and_rda(self, method: str, dataset: str, noise: float, jobs: list) -> list:
+        """The training overrides for a noise rate and, for ICL, the RDA annotation file (whose
+        generation jobs, if any, are appended to ``jobs``)."""
+        over = [f"noisy_rate={_n(noise)}"] if noise else []
+        if method == "ICL":
+            rda, rjobs = self.rda_file(dataset)
+            jobs += rjobs
+            over.append(f"anno_file={rda}")
+        return over
+
 
 class RealWorld(World):
     """The benchmarks under ``root``; the MLLM options are passed to rda/thi as given."""
@@ -156,12 +166,7 @@ class RealWorld(World):
         name = self.run_name(method, dataset, noise, group)
         run = os.path.join(self.runs, name)
         over = [f"root_dir={self.root}", f"name={name}", "resume=true", *spec["overrides"]]
-        if noise:
-            over.append(f"noisy_rate={_n(noise)}")
-        if method == "ICL":
-            rda, rjobs = self.rda_file(dataset)
-            jobs += rjobs
-            over.append(f"anno_file={rda}")
+        over += self._noise_and_rda(method, dataset, noise, jobs)
         if group == 2:
             if not self.pre_checkpoint:
                 raise Unavailable("group 2 (+pre) needs --pre-checkpoint (the ReID-domain "
@@ -329,12 +334,7 @@ class MiniWorld(World):
                 f"pretrain_choice={self.pretrained}", f"name={name}", "resume=true",
                 *self.cfg.get("train_overrides", []), *spec["overrides"],
                 *self.scale.get("train", [])]
-        if noise:
-            over.append(f"noisy_rate={_n(noise)}")
-        if method == "ICL":
-            rda, rjobs = self.rda_file(dataset)
-            jobs += rjobs
-            over.append(f"anno_file={rda}")
+        over += self._noise_and_rda(method, dataset, noise, jobs)
         if group == 2:
             src = (self.cfg.get("group2_init") or {}).get(dataset)
             if not src or src not in self.domains:
