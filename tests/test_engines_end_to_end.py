@@ -1,7 +1,8 @@
 """THI and RDA through every stage on real engines, with a tiny Qwen2-VL that answers.
 
 The model (``utils/mllm/tiny_icl.py``) is a tiny Qwen2-VL fine-tuned on the simulated MLLM's
-answers about the session's SynthPEDES (it memorises that small gallery), built once per recipe
+answers about the session's SynthPEDES (it learns that small gallery: Yes/No that follow the
+teacher's on most pairs, the teacher's VQA and aggregation answers), built once per recipe
 into pytest's cache folder (``.pytest_cache/d/tiny_icl``), so ``make test`` builds it in its
 first venv and reuses it in the second. The scorer is a tiny RDE run trained here for a few
 epochs. Then, on vLLM's offline engine (in this process) and on ``vllm serve`` (the ``openai``
@@ -106,10 +107,12 @@ def teacher_thi(thi_inputs, synth_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_tiny_icl_answers_every_prompt_in_form(tiny_icl, synth_dir):
+def test_tiny_icl_answers_like_the_teacher(tiny_icl, synth_dir):
     """transformers backend, greedy: THI's prompts get answers of their kind (Yes/No; 15 numbered
-    VQA answers; a description), RDA's get lines. How many equal the teacher's is printed: the
-    recipe does not train it long enough to reproduce the teacher's choices (see the module doc)."""
+    VQA answers; a description), RDA's get lines; and they are the teacher's answers for that
+    input well above chance: Yes/No that depend on the image and on the text (measured on the CI
+    fixtures: Yes on 70% of the teacher's Yes pairs and 20% of its No pairs; VQA 100%,
+    aggregation 97% the teacher's, see the module doc)."""
     from utils.mllm.parsing import parse_lines, parse_vqa, parse_yes_no
     from utils.mllm.tiny_icl import Recipe, evaluate, teacher_examples
     from utils.mllm.hf_backend import TransformersClient
@@ -126,14 +129,20 @@ def test_tiny_icl_answers_every_prompt_in_form(tiny_icl, synth_dir):
                                 min_pixels=recipe.pixels, max_pixels=recipe.pixels)
     answers = {k: client.generate([e.request for e in v], temperature=0.0, max_tokens=MAX_TOKENS)
                for k, v in picked.items()}
+    client.close()
     assert all(parse_yes_no(a) is not None for a in answers["loc"]), answers["loc"]
     assert all(len(parse_vqa(a)) == 15 for a in answers["vqa"]), answers["vqa"]
     assert all(len(a.split()) >= 5 and a.endswith(".") for a in answers["aggr"]), answers["aggr"]
-    # RDA's text-only prompts get lines (not always of the right kind: measured, it mixes up
-    # decomposition and rewriting answers)
     assert all(parse_lines(a) for a in answers["dec"] + answers["rwt"])
-    print(json.dumps(report), json.dumps(evaluate(tiny_icl, examples, pixels=recipe.pixels,
-                                                  per_kind=16)))
+    scores = evaluate(tiny_icl, examples, pixels=recipe.pixels, per_kind=48)
+    print(json.dumps(report), json.dumps(scores))
+    # the teacher's Yes pairs get Yes far more often than its No pairs
+    assert scores["loc_yes_said_yes"] >= 0.55 and scores["loc_no_said_yes"] <= 0.35, scores
+    assert scores["loc_yes_said_yes"] - scores["loc_no_said_yes"] >= 0.35, scores
+    # ... and the answer moves with the image for a caption, and with the caption for an image
+    assert scores["loc_captions_both"] >= 5 and scores["loc_images_both"] >= 5, scores
+    assert scores["vqa_exact"] >= 0.9 and scores["aggr_exact"] >= 0.8, scores
+    assert scores["dec_exact"] >= 0.8 and scores["rwt_exact"] >= 0.7, scores
 
 
 def test_cache_key_follows_recipe_and_data(synth_dir, tmp_path, monkeypatch):
@@ -204,7 +213,7 @@ def icl_adapter(tiny_icl, rde_run, tmp_path_factory):
     with open(log, "w") as f:
         proc = subprocess.run(
             ["bash", os.path.join(REPO, "scripts", "sft_lora.sh"), "train", tiny_icl, str(sft),
-             str(adapter), "max_steps=20", "learning_rate=2.0e-2", "per_device_train_batch_size=8",
+             str(adapter), "max_steps=20", "learning_rate=5.0e-3", "per_device_train_batch_size=8",
              "gradient_accumulation_steps=1", "lr_scheduler_type=constant", "warmup_ratio=0",
              "logging_steps=1", "save_steps=1000", "plot_loss=false", "cutoff_len=512"],
             cwd=str(work), env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900)
@@ -267,8 +276,10 @@ def server(tiny_icl, request, tmp_path_factory):
 
 
 def _check_thi(result, teacher, num_q):
-    """Every stage ran: anchors found, every VQA and aggregation answer parsed, refined queries
-    re-ranked, metrics changed. (How many anchors are the teacher's is printed.)"""
+    """Every stage ran: anchors found, every VQA answer parsed, aggregation answered, refined
+    queries re-ranked, metrics changed; most queries get the teacher's anchor decision (measured
+    with transformers on the CI fixtures: 33 anchors vs the teacher's 20, the same anchor or none
+    for 67% of the queries, every aggregation parsed)."""
     anchored = int((result.anchors >= 0).sum())
     refined = sum(t is not None for t in result.refined)
     calls = {s: sum(r["calls"][s] for r in result.rounds) for s in ("loc", "vqa", "aggr")}
@@ -278,9 +289,11 @@ def _check_thi(result, teacher, num_q):
           f"{refined}, calls {calls}, parse failures {failures}, anchors as the teacher's {agree:.2f}")
     print("base", result.base_metrics, "\nfinal", result.rounds[-1]["metrics"])
     assert anchored >= 5 and calls["vqa"] == anchored and failures["loc"] == failures["vqa"] == 0
-    # every aggregation answer is a refined query or a counted failure (measured: the tiny model
-    # answers most aggregation prompts it never saw with an empty turn, see tiny_icl's doc)
-    assert calls["aggr"] == anchored and refined >= 1 and refined + failures["aggr"] == anchored
+    assert agree >= 0.55
+    # every aggregation answer is a refined query or a counted failure (an anchor the teacher
+    # would not confirm gets an aggregation prompt the model never saw)
+    assert calls["aggr"] == anchored and refined + failures["aggr"] == anchored
+    assert refined >= anchored // 2
     assert result.rounds[-1]["metrics"] != result.base_metrics
 
 
@@ -404,9 +417,8 @@ def test_rda_generate_served_equals_offline(server, engine, synth_root, synth_di
 def test_lora_from_sft_changes_served_thi_anchors(icl_adapter, server, served_thi, rde_run,
                                                  synth_root, thi_inputs, tmp_path):
     """SFT data -> LoRA -> ``vllm serve --lora-modules icl=ADAPTER`` -> THI with the adapter.
-    The adapter changes the served model's answers to the SFT records it was trained on; THI runs
-    through it. (Measured: THI's anchors stay those of the base model, which says Yes to every
-    gallery pair; with a base model that said No everywhere the adapter changed them.)"""
+    The adapter changes the served model's answers to the SFT records it was trained on, and
+    THI's anchors, and THI still finds anchors through it."""
     from utils.mllm import Request
     from utils.mllm.openai_backend import OpenAIClient
 
@@ -423,5 +435,5 @@ def test_lora_from_sft_changes_served_thi_anchors(icl_adapter, server, served_th
     print(f"SFT records answered differently with the adapter: {changed_answers}/{len(reqs)}; "
           f"THI anchors base {(served_thi['anchors'] >= 0).sum()}, adapter "
           f"{(tuned['anchors'] >= 0).sum()}, changed {changed}")
-    assert changed_answers >= 1
+    assert changed_answers >= 1 and changed >= 1
     assert (tuned["anchors"] >= 0).sum() >= 1 and len(tuned["rounds"]["rounds"]) >= 1
