@@ -146,7 +146,8 @@ def test_tiny_icl_answers_like_the_teacher(tiny_icl, synth_dir):
 
 
 def test_cache_key_follows_recipe_and_data(synth_dir, tmp_path, monkeypatch):
-    """The cached model is rebuilt when the recipe or the dataset files change, never otherwise."""
+    """The cached model is rebuilt when the recipe, the dataset files or the builder's source
+    change, never otherwise."""
     import shutil
 
     from utils.mllm import tiny_icl
@@ -171,6 +172,16 @@ def test_cache_key_follows_recipe_and_data(synth_dir, tmp_path, monkeypatch):
     c = tiny_icl.cached_tiny_icl(data, tmp_path / "cache")
     assert c not in (a, b) and len(built) == 3
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([a.name, b.name, c.name])
+    # an edit to the builder's or the tiny model's source is a new model too
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("tiny_icl.py", "tiny_qwen2vl.py"):
+        shutil.copy(os.path.join(os.path.dirname(tiny_icl.__file__), name), src / name)
+    monkeypatch.setattr(tiny_icl, "__file__", str(src / "tiny_icl.py"))
+    assert tiny_icl.recipe_digest(data, tiny_icl.Recipe()) == c.name.split("-", 1)[1]
+    with open(src / "tiny_qwen2vl.py", "a") as f:
+        f.write("# edited\n")
+    assert tiny_icl.cached_tiny_icl(data, tmp_path / "cache") not in (a, b, c) and len(built) == 4
 
 
 # --- vLLM -----------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ pairs) said Yes to every pair.
     python -m utils.mllm.tiny_icl DATASET_DIR OUT [--split test] [--rda-pairs 16] [--steps N]
 
 ``cached_tiny_icl`` builds it once per recipe (digest of the dataset's annotation and attribute
-files, the recipe and this file's version) under a cache folder.
+files, the recipe and the source of this file and ``tiny_qwen2vl.py``) under a cache folder.
 """
 from __future__ import annotations
 
@@ -418,8 +418,12 @@ def _count_kinds(examples: list[Example]) -> dict:
 
 def recipe_digest(dataset_dir: "str | os.PathLike", recipe: Recipe) -> str:
     """Digest of what decides the model: the dataset's annotation and attribute files, the
-    recipe, this builder's version."""
+    recipe, this builder's version and the source of the builder and of the tiny model (an
+    edit to either rebuilds, so a changed recipe in code never meets an old cached model)."""
     h = hashlib.sha256(json.dumps([BUILDER_VERSION, asdict(recipe)], sort_keys=True).encode())
+    for source in (__file__, os.path.join(os.path.dirname(__file__), "tiny_qwen2vl.py")):
+        with open(source, "rb") as f:
+            h.update(f.read())
     for name in ("reid_raw.json", "attributes.json"):
         with open(os.path.join(dataset_dir, name), "rb") as f:
             h.update(f.read())
