@@ -111,8 +111,8 @@ def test_tiny_icl_answers_like_the_teacher(tiny_icl, synth_dir):
     """transformers backend, greedy: THI's prompts get answers of their kind (Yes/No; 15 numbered
     VQA answers; a description), RDA's get lines; and they are the teacher's answers for that
     input well above chance: Yes/No that depend on the image and on the text (measured on the CI
-    fixtures: Yes on 70% of the teacher's Yes pairs and 20% of its No pairs; VQA 100%,
-    aggregation 97% the teacher's, see the module doc)."""
+    fixtures: Yes on 69-70% of the teacher's Yes pairs and 20-23% of its No pairs; VQA 100%,
+    aggregation 96-97% the teacher's, see the module doc)."""
     from utils.mllm.parsing import parse_lines, parse_vqa, parse_yes_no
     from utils.mllm.tiny_icl import Recipe, evaluate, teacher_examples
     from utils.mllm.hf_backend import TransformersClient
@@ -140,7 +140,10 @@ def test_tiny_icl_answers_like_the_teacher(tiny_icl, synth_dir):
     assert scores["loc_yes_said_yes"] >= 0.55 and scores["loc_no_said_yes"] <= 0.35, scores
     assert scores["loc_yes_said_yes"] - scores["loc_no_said_yes"] >= 0.35, scores
     # ... and the answer moves with the image for a caption, and with the caption for an image
-    assert scores["loc_captions_both"] >= 5 and scores["loc_images_both"] >= 5, scores
+    # (every localization pair of 8 captions and of 8 images; measured 5 and 8 of 8; a model
+    # blind to the image, resp. the text, gets 0)
+    assert scores["loc_groups"] == 8, scores
+    assert scores["loc_captions_both"] >= 3 and scores["loc_images_both"] >= 4, scores
     assert scores["vqa_exact"] >= 0.9 and scores["aggr_exact"] >= 0.8, scores
     assert scores["dec_exact"] >= 0.8 and scores["rwt_exact"] >= 0.7, scores
 
