@@ -9,6 +9,8 @@ import os
 import sys
 from typing import Optional
 
+from utils.mllm.cli_options import client_options
+
 BACKENDS = ("vllm", "openai", "transformers", "simulated")
 
 # SFT records per class ("Yes" and "No" each) when --positives/--negatives are not given. The
@@ -38,44 +40,6 @@ def _client_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--error-rate", type=float, default=0.0, help="simulated backend: error rate")
     ap.add_argument("--seed", type=int, default=0, help="simulated backend: error seed")
     ap.add_argument("--cache-dir", help="MLLM response cache (default: next to --out)")
-
-
-def client_options(args, dataset_dir: str, cache_dir: str) -> dict:
-    """``build_client`` options of the chosen backend; a missing flag stops with its name."""
-    def need(flag: str, value):
-        if not value:
-            raise SystemExit(f"--backend {args.backend} needs {flag}")
-        return value
-
-    common: dict = {"cache_dir": cache_dir}
-    if getattr(args, "micro_batch", None) is not None:
-        if args.micro_batch < 1:
-            raise SystemExit(f"--micro-batch must be >= 1, got {args.micro_batch}")
-        common["max_batch"] = args.micro_batch
-    if getattr(args, "no_retry_unusable", False):
-        common["retry_unusable"] = False
-    if args.backend == "simulated":
-        return {"attributes": args.attributes or os.path.join(dataset_dir, "attributes.json"),
-                "error_rate": args.error_rate, "seed": args.seed, **common}
-    if args.backend == "openai":
-        if args.concurrency < 1:
-            raise SystemExit(f"--concurrency must be >= 1, got {args.concurrency}")
-        return {"base_url": need("--base-url", args.base_url),
-                "model": need("--served-model", args.served_model),
-                "concurrency": args.concurrency, **common}
-    from utils.mllm import default_dtype
-
-    opts = {"model": need("--model", args.model), **common}
-    dtype = default_dtype(args.backend, args.dtype)
-    if dtype:
-        opts["dtype"] = dtype
-    if args.backend == "vllm":
-        opts["tensor_parallel_size"] = args.tensor_parallel_size
-        if args.lora:
-            opts["lora"] = args.lora
-    elif args.lora:
-        opts["adapter"] = args.lora
-    return opts
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -134,53 +134,11 @@ def mllm_label(args) -> str:
 
 
 def backend_options(args, root: Optional[str], target: str, cache_dir: str) -> dict:
-    """``build_client`` options for the chosen backend; errors name the missing flag."""
-    def need(flag, value):
-        if not value:
-            raise SystemExit(f"--backend {args.backend} needs {flag}")
-        return value
+    """``build_client`` options for the chosen backend; errors name the missing flag (the
+    simulated backend's attributes default to ROOT/TARGET/attributes.json)."""
+    from utils.mllm.cli_options import client_options
 
-    opts = _backend_options(args, root, target, cache_dir, need)
-    if getattr(args, "micro_batch", None) is not None:
-        if args.micro_batch < 1:
-            raise SystemExit(f"--micro-batch must be >= 1, got {args.micro_batch}")
-        opts["max_batch"] = args.micro_batch
-    if getattr(args, "no_retry_unusable", False):
-        opts["retry_unusable"] = False
-    from utils.mllm import default_dtype
-
-    dtype = default_dtype(args.backend, getattr(args, "dtype", None))
-    if dtype:
-        opts["dtype"] = dtype
-    return opts
-
-
-def _backend_options(args, root, target, cache_dir, need) -> dict:
-    if args.backend == "simulated":
-        attributes = args.attributes
-        if attributes is None:
-            if root is None:
-                raise SystemExit("--backend simulated needs --attributes (or --root with "
-                                 "ROOT/TARGET/attributes.json)")
-            attributes = os.path.join(root, target, "attributes.json")
-        return {"attributes": attributes, "error_rate": args.error_rate, "seed": args.seed,
-                "cache_dir": cache_dir}
-    if args.backend == "vllm":
-        opts = {"model": need("--model", args.model),
-                "tensor_parallel_size": args.tensor_parallel_size, "cache_dir": cache_dir}
-        if args.lora:
-            opts["lora"] = args.lora
-        return opts
-    if args.backend == "openai":
-        return {"base_url": need("--base-url", args.base_url),
-                "model": need("--served-model", args.served_model),
-                "concurrency": args.concurrency, "cache_dir": cache_dir}
-    opts = {"model": need("--model", args.model), "cache_dir": cache_dir}
-    if args.lora:
-        opts["adapter"] = args.lora
-    if args.device not in (None, "", "auto"):
-        opts["device"] = args.device
-    return opts
+    return client_options(args, os.path.join(root, target) if root else None, cache_dir)
 
 
 def _prepare(args, default_out: str):
