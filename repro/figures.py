@@ -36,25 +36,35 @@ def _icl(world: World, ds: str):
     return world.model("ICL", ds)
 
 
-def _start(name, world, runner, jobs):
+def _icl_per_dataset(world: World, runner: Runner, name: str):
+    """(dataset, eval run, target name, jobs) of the ICL (group 1) run of every dataset of the
+    world that has one; the others are logged and left out of figure ``name``."""
+    for ds in world.datasets:
+        try:
+            erun, tname, jobs = _icl(world, ds)
+        except Unavailable as exc:
+            runner.log(f"[repro] {name} {ds}: {exc}")
+            continue
+        yield ds, erun, tname, jobs
+
+
+def _start(name: str, runner: Runner, jobs) -> "dict | None":
+    """Run the figure's jobs (a dry run lists them); on a dry run, the summary to return."""
     runner.log(f"[repro] {name}: {len(jobs)} jobs")
     new = runner.run(jobs)
-    runner.last_new = new
-    return runner.dry_run
+    if runner.dry_run:
+        return {"name": name, "jobs": len(new), "seconds": total(new)}
+    return None
 
 
 def fig3(world: World, runner: Runner, out_dir: str) -> dict:
     plans, jobs = [], []
-    for ds in world.datasets:
-        try:
-            erun, tname, j = _icl(world, ds)
-        except Unavailable as exc:
-            runner.log(f"[repro] fig3 {ds}: {exc}")
-            continue
+    for ds, erun, tname, j in _icl_per_dataset(world, runner, "fig3"):
         plans.append((ds, erun, tname))
         jobs += j
-    if _start("fig3", world, runner, jobs):
-        return {"name": "fig3", "jobs": len(runner.last_new), "seconds": total(runner.last_new)}
+    dry = _start("fig3", runner, jobs)
+    if dry is not None:
+        return dry
     plt = _plt()
     fig, axes = plt.subplots(1, max(len(plans), 1), figsize=(4.6 * max(len(plans), 1), 3.6), squeeze=False)
     rows = []
@@ -111,8 +121,9 @@ def fig5(world: World, runner: Runner, out_dir: str) -> dict:
     erun, tname, jobs = _icl(world, ds)
     sweep_dir, sj = world.sweep(erun, tname, ds)
     jobs = jobs + sj
-    if _start("fig5", world, runner, jobs):
-        return {"name": "fig5", "jobs": len(runner.last_new), "seconds": total(runner.last_new)}
+    dry = _start("fig5", runner, jobs)
+    if dry is not None:
+        return dry
     data = results.sweep_grid(sweep_dir)
     lams, xis = data["lams"], data["xis"]
     grid = {(p["xi"], p["lam"]): p for p in data["points"]}
@@ -151,17 +162,13 @@ def fig5(world: World, runner: Runner, out_dir: str) -> dict:
 
 def fig6(world: World, runner: Runner, out_dir: str) -> dict:
     plans, jobs = [], []
-    for ds in world.datasets:
-        try:
-            erun, tname, j = _icl(world, ds)
-        except Unavailable as exc:
-            runner.log(f"[repro] fig6 {ds}: {exc}")
-            continue
+    for ds, erun, tname, j in _icl_per_dataset(world, runner, "fig6"):
         out, tj = world.thi(erun, tname, ds)
         plans.append((ds, out))
         jobs += j + tj
-    if _start("fig6", world, runner, jobs):
-        return {"name": "fig6", "jobs": len(runner.last_new), "seconds": total(runner.last_new)}
+    dry = _start("fig6", runner, jobs)
+    if dry is not None:
+        return dry
     plt = _plt()
     fig, axes = plt.subplots(1, max(len(plans), 1), figsize=(4.4 * max(len(plans), 1), 3.4), squeeze=False)
     rows, payload = [], {}
@@ -207,8 +214,9 @@ def fig7(world: World, runner: Runner, out_dir: str, queries: int = 4) -> dict:
     erun, tname, jobs = _icl(world, ds)
     out, tj = world.thi(erun, tname, ds)
     jobs = jobs + tj
-    if _start("fig7", world, runner, jobs):
-        return {"name": "fig7", "jobs": len(runner.last_new), "seconds": total(runner.last_new)}
+    dry = _start("fig7", runner, jobs)
+    if dry is not None:
+        return dry
     ev = results.load_eval(erun, tname)
     after = np.load(os.path.join(out, "final_similarity.npy"))
     before = ev["similarity"]

@@ -87,12 +87,11 @@ class Runner:
                  cwd: Optional[str] = None, in_process: bool = False):
         self.dry_run, self.log, self.cwd, self.in_process = dry_run, log, cwd, in_process
         self.seen: dict = {}
-        self.last_new: list = []  # the jobs the latest run() call added
         self.timings: list = []  # (label, seconds) of the jobs run here
 
     def run(self, jobs: Sequence[Job]) -> list:
         """Run (or print) every job not yet seen; returns the jobs new to this runner."""
-        new = self.last_new = []
+        new: list = []
         for job in jobs:
             if job.done_file in self.seen:
                 continue
