@@ -84,6 +84,25 @@ def tiny_clip_path(tmp_path_factory) -> str:
     return str(path)
 
 
+def write_untrained_run(run, tiny_clip_path: str, synth_root: str) -> str:
+    """An untrained RDE run (random tiny CLIP, seed 0) on SynthPEDES in folder ``run``,
+    evaluated on its test split (``eval/SynthPEDES/``): the THI and search-page tests' run."""
+    import torch
+
+    from model import build_model
+    from processor.evaluate import evaluate_run
+    from utils.config import load_config, save_config
+
+    cfg = load_config("configs/synthpedes_tiny.yaml",
+                      [f"root_dir={synth_root}", f"pretrain_choice={tiny_clip_path}",
+                       "num_workers=0", "test_batch_size=64"])
+    torch.manual_seed(0)
+    save_config(cfg, os.path.join(run, "config.yaml"))
+    torch.save({"model": build_model(cfg).state_dict(), "epoch": 0}, os.path.join(run, "best.pth"))
+    evaluate_run(str(run), device="cpu", progress=False)
+    return str(run)
+
+
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> str:
     """Data root holding SynthPEDES/ (CUHK-PEDES format + attributes.json), small and seeded."""

@@ -23,19 +23,9 @@ LAM = 0.8
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_clip_path, synth_root):
     """An RDE run (random tiny CLIP) on SynthPEDES, evaluated on its test split."""
-    from model import build_model
-    from processor.evaluate import evaluate_run
-    from utils.config import load_config, save_config
+    from conftest import write_untrained_run
 
-    run = tmp_path_factory.mktemp("apprun")
-    cfg = load_config("configs/synthpedes_tiny.yaml",
-                      [f"root_dir={synth_root}", f"pretrain_choice={tiny_clip_path}",
-                       "num_workers=0", "test_batch_size=64"])
-    torch.manual_seed(0)
-    save_config(cfg, run / "config.yaml")
-    torch.save({"model": build_model(cfg).state_dict(), "epoch": 0}, run / "best.pth")
-    evaluate_run(str(run), device="cpu", progress=False)
-    return str(run)
+    return write_untrained_run(tmp_path_factory.mktemp("apprun"), tiny_clip_path, synth_root)
 
 
 def _args(run_dir, synth_root, *extra):
