@@ -406,13 +406,13 @@ def evaluate(model_dir: "str | os.PathLike", examples: list[Example], *, pixels:
             result[kind + "_exact"] = sum(a == e.answer for a, e in zip(answers, items)) / len(items)
         for name, grouped in (("loc_captions_both", by_caption), ("loc_images_both", by_image)):
             keys = rng.sample(sorted(grouped), min(groups, len(grouped)))
-            items = [e for k in keys for e in grouped[k]]
-            answers = client.generate([e.request for e in items], temperature=0.0, max_tokens=8)
-            said: dict[str, set] = {}
-            for e, a in zip(items, answers):
-                key = e.request.text if name == "loc_captions_both" else os.fspath(e.request.image)
-                said.setdefault(key, set()).add(a.strip())
-            result[name] = sum(len(v) > 1 for v in said.values())
+            answers = client.generate([e.request for k in keys for e in grouped[k]],
+                                      temperature=0.0, max_tokens=8)
+            said, i = [], 0
+            for k in keys:
+                said.append({a.strip() for a in answers[i:i + len(grouped[k])]})
+                i += len(grouped[k])
+            result[name] = sum(len(v) > 1 for v in said)
         result["loc_groups"] = min(groups, len(by_caption), len(by_image))
     finally:
         client.close()
