@@ -20,15 +20,10 @@ from utils.run_dir import RunDirError
 
 
 def tiny_cfg(tiny_clip_path, synth_root, out, **kw):
-    items = {
-        "dataset_name": "SynthPEDES", "root_dir": synth_root, "output_dir": str(out),
-        "pretrain_choice": tiny_clip_path, "img_size": [64, 32], "tse_embed_dim": 64,
-        "batch_size": 32, "test_batch_size": 64, "num_workers": 0, "img_aug": False, "txt_aug": False,
-        "lr": 5e-4, "lr_factor": 2.0, "adam_eps": 1e-8, "warmup_epochs": 1, "num_epoch": 2,
-        "log_period": 1000, "device": "cpu", "save_eval": False, "seed": 0, "ccd": False,
-    }
-    items.update(kw)
-    return load_config(None, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in items.items()])
+    """test_train's tiny config, without CCD unless asked (these tests are about files)."""
+    from test_train import tiny_cfg as train_cfg
+
+    return train_cfg(tiny_clip_path, synth_root, out, **{"ccd": False, **kw})
 
 
 def snapshot(folder) -> dict:
