@@ -56,7 +56,7 @@ class StubMLLM:
 
 def build_model(kind: str, folder: str):
     from model import build_model as build
-    from model.tiny_clip import write_random_clip
+    from offline.tiny_clip import write_random_clip
     from utils.config import load_config
 
     sizes = {} if kind == "tiny" else dict(embed_dim=512, text_width=512, text_layers=12,

@@ -95,7 +95,7 @@ def test_confirm_is_one_thi_step_with_eq6(api, engine, evald, synth_root):
     """Confirming an image: VQA + aggregation by the MLLM (same answers as THI's own requests),
     the refined text re-encoded, Eq. 6 with the anchor at 1; a second confirmation keeps both."""
     from thi.pipeline import refine_query
-    from utils.mllm.simulated import SimulatedClient
+    from offline.simulated import SimulatedClient
 
     q = 3
     text = evald["captions"][q]
@@ -152,7 +152,7 @@ def test_not_this_one_sets_the_image_aside(api, evald):
 def test_the_mllm_judges_the_next_candidate_on_request(api, evald, synth_root):
     from thi.pipeline import loc_request
     from utils.mllm.parsing import parse_yes_no
-    from utils.mllm.simulated import SimulatedClient
+    from offline.simulated import SimulatedClient
 
     fresh = SimulatedClient(os.path.join(synth_root, "SynthPEDES"))
     q = 11
@@ -188,7 +188,7 @@ def test_attribute_query_is_the_sentence_of_its_fields(api, engine):
 
 
 def test_attribute_sentences_parse_back_to_synthpedes_attributes():
-    from datasets.synth_text import parse_caption
+    from offline.synth_text import parse_caption
 
     # a whole sentence keeps the person's wording; a phrase goes into the question's sentence
     assert attributes_to_text({"held": "She holds a red cup in her hand",

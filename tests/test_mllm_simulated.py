@@ -8,11 +8,11 @@ import os
 import pytest
 from PIL import Image
 
-from datasets.synthpedes import QUESTION_ATTRIBUTES, parse_caption
+from offline.synthpedes import QUESTION_ATTRIBUTES, parse_caption
 from utils.mllm import MLLMError, Request, build_client
 from utils.mllm.parsing import parse_lines, parse_vqa, parse_yes_no
 from utils.mllm.prompts import aggr_prompt, dec_prompt, loc_prompt, rwt_prompt, vqa_prompt
-from utils.mllm.simulated import NEUTRAL_ANSWER, SimulatedClient
+from offline.simulated import NEUTRAL_ANSWER, SimulatedClient
 
 
 @pytest.fixture(scope="module")

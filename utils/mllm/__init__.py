@@ -15,7 +15,7 @@ BACKENDS = {
     "vllm": ("utils.mllm.vllm_backend", "VLLMClient"),
     "openai": ("utils.mllm.openai_backend", "OpenAIClient"),
     "transformers": ("utils.mllm.hf_backend", "TransformersClient"),
-    "simulated": ("utils.mllm.simulated", "SimulatedClient"),
+    "simulated": ("offline.simulated", "SimulatedClient"),
 }
 
 __all__ = ["BACKENDS", "BaseClient", "MLLMError", "Request", "build_client", "default_dtype"]

@@ -17,8 +17,8 @@ import re
 import string
 from typing import Optional
 
-from .base import BaseClient, MLLMError, Request
-from .prompts import T_AGGR, T_DEC, T_LOC, T_RWT, T_VQA
+from utils.mllm.base import BaseClient, MLLMError, Request
+from utils.mllm.prompts import T_AGGR, T_DEC, T_LOC, T_RWT, T_VQA
 
 NEUTRAL_ANSWER = "I'm sorry, I cannot answer that."
 REWRITE_STYLES = ("lines", "numbered", "chatty")
@@ -105,7 +105,7 @@ class SimulatedClient(BaseClient):
             raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
         if rewrites_style not in REWRITE_STYLES:
             raise ValueError(f"rewrites_style must be one of {REWRITE_STYLES}, got {rewrites_style!r}")
-        from datasets import synthpedes  # the simulated MLLM is defined by SynthPEDES's text
+        from offline import synthpedes  # the simulated MLLM is defined by SynthPEDES's text
         self._synth = synthpedes
         self.error_rate = float(error_rate)
         self.seed = int(seed)
@@ -115,7 +115,7 @@ class SimulatedClient(BaseClient):
             path = os.path.join(path, ATTRIBUTES_FILE)
         if not os.path.isfile(path):
             raise MLLMError(f"SynthPEDES attribute sidecar not found: {path!r} (option attributes); "
-                            f"generate the dataset with `python -m datasets.synthpedes OUT_DIR`")
+                            f"generate the dataset with `python -m offline.synthpedes OUT_DIR`")
         with open(path, "rb") as f:
             raw = f.read()
         try:
