@@ -11,8 +11,10 @@ from typing import Any
 
 from .annotations import BaseDataset
 
-# name -> (module, class). Imported on use, so that ``python -m offline.synthpedes`` does not
-# import its own module twice.
+# name -> (module, class), imported on use. The registry is how the system reaches the offline
+# world (``offline/``, a guest that imports the system, never the reverse): SynthPEDES is a name
+# here, not an import, so no module of datasets/ depends on offline/ (tests/test_layers.py).
+# On use only, also so that ``python -m offline.synthpedes`` does not import its module twice.
 _READERS: dict[str, tuple[str, str]] = {
     "CUHK-PEDES": ("datasets.cuhkpedes", "CUHKPEDES"),
     "ICFG-PEDES": ("datasets.icfgpedes", "ICFGPEDES"),

@@ -35,7 +35,7 @@ class AttributeSimilarity:
 
     def __init__(self, attributes: str, image_paths: Sequence[str], scale: float = 0.45,
                  noise: float = 0.1, seed: int = 0):
-        from offline.synthpedes import parse_caption
+        from offline.synth_text import parse_caption
 
         path = os.fspath(attributes)
         if os.path.isdir(path):

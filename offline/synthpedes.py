@@ -32,15 +32,15 @@ from tqdm import tqdm
 from utils.io import atomic_write_json
 
 from datasets.annotations import BaseDataset
+
 from .synth_render import render_person
-from .synth_schema import (QUESTION_ATTRIBUTES, SCHEMA, identity_key, mutate_identity, sample_identity,
-                           sample_image_attributes)
+from .synth_schema import (ATTRIBUTES_VERSION, QUESTION_ATTRIBUTES, SCHEMA, identity_key, mutate_identity,
+                           sample_identity, sample_image_attributes)
 from .synth_text import answer_sentence, compose_caption, parse_caption
 
 __all__ = ["SCHEMA", "QUESTION_ATTRIBUTES", "answer_sentence", "parse_caption", "compose_caption",
            "generate", "SynthPEDES", "ATTRIBUTES_VERSION"]
 
-ATTRIBUTES_VERSION = 1
 _DETAIL_WEIGHTS = {"full": 0.4, "medium": 0.35, "vague": 0.25}
 
 

@@ -135,7 +135,7 @@ def teacher_examples(dataset_dir: str, recipe: Recipe) -> list[Example]:
     # Every "Yes" pair, and per caption the "No" images sharing most of its attributes (the
     # ones a retrieval model ranks high, so THI asks about them).
     rng = random.Random(recipe.seed)
-    from offline.synthpedes import parse_caption
+    from offline.synth_text import parse_caption
     attrs = teacher.images
     for i, caption in enumerate(captions):
         said = parse_caption(caption)

@@ -10,7 +10,9 @@ import importlib
 
 from .base import BaseClient, MLLMError, Request
 
-# backend name -> (module, class); modules are imported only when that backend is built
+# backend name -> (module, class); modules are imported only when that backend is built. The
+# simulated MLLM lives in the offline world (offline/simulated.py): named here, never imported
+# by utils/ (tests/test_layers.py).
 BACKENDS = {
     "vllm": ("utils.mllm.vllm_backend", "VLLMClient"),
     "openai": ("utils.mllm.openai_backend", "OpenAIClient"),
