@@ -145,7 +145,7 @@ def teacher_examples(dataset_dir: str, recipe: Recipe) -> list[Example]:
 
         def shared(k):
             rel = os.path.relpath(loc_reqs[k].image, os.path.join(dataset_dir, "imgs"))
-            return sum(attrs[rel.replace(os.sep, "/")].get(a) == v for a, v in said.items())
+            return sum(attrs[rel.replace(os.sep, "/")].get(a) == v for a, v in said.items())  # noqa: B023 (used at once)
         keep = [k for k in rows if loc[k] == "Yes"]
         keep += sorted(no, key=shared, reverse=True)[:recipe.loc_negatives]
         out += [Example("loc", loc_reqs[k], loc[k]) for k in sorted(keep)]
