@@ -93,6 +93,10 @@ class World:
             name += "_pre"
         return name
 
+    def noise_overrides(self, dataset: str, noise: float) -> list:
+        """Where a noisy run's caption permutation comes from (``noisy_file`` / ``noise_draw``)."""
+        raise NotImplementedError
+
     def model(self, method: str, dataset: str, target: Optional[str] = None, *,
               noise: float = 0.0, group: int = 1):
         """Train (or reuse) and evaluate on ``target``: (eval run dir, eval target name, jobs)."""
@@ -103,7 +107,7 @@ class World:
     def _noise_and_rda(self, method: str, dataset: str, noise: float, jobs: list) -> list:
         """The training overrides for a noise rate and, for ICL, the RDA annotation file (whose
         generation jobs, if any, are appended to ``jobs``)."""
-        over = [f"noisy_rate={_n(noise)}"] if noise else []
+        over = [f"noisy_rate={_n(noise)}", *self.noise_overrides(dataset, noise)] if noise else []
         if method == "ICL":
             rda, rjobs = self.rda_file(dataset)
             jobs += rjobs
@@ -120,8 +124,10 @@ class RealWorld(World):
                  lora: Optional[str] = None, rda_files: Optional[dict] = None,
                  pre_checkpoint: Optional[str] = None, irra_weights: Optional[dict] = None,
                  rounds: int = 5, lam: float = 0.8, configs: str = "configs",
-                 sweep_lams="0.5,0.6,0.7,0.8,0.9", sweep_xis="0.4,0.45,0.5,0.55,0.6"):
+                 sweep_lams="0.5,0.6,0.7,0.8,0.9", sweep_xis="0.4,0.45,0.5,0.55,0.6",
+                 noise_dir: str = "noiseindex"):
         self.root, self.runs, self.gpus = root, runs, int(gpus)
+        self.noise_dir = noise_dir
         self.datasets = tuple(datasets)
         self.mllm_args, self.lora = list(mllm_args), lora
         self.rda_files = dict(rda_files or {})
@@ -136,6 +142,11 @@ class RealWorld(World):
     def _thi_seconds(self, dataset: str) -> float:
         q = TEST_QUERIES.get(dataset, TEST_QUERIES["CUHK-PEDES"])
         return q * THI_REQUESTS_PER_QUERY / MLLM_REQUESTS_PER_S
+
+    def noise_overrides(self, dataset, noise):
+        # The release's permutation (noiseindex/<dataset>_<rate>.npy, as its run_rde.sh names it).
+        from datasets.noise import release_noise_name
+        return [f"noisy_file={os.path.join(self.noise_dir, release_noise_name(dataset, noise))}"]
 
     def rda_file(self, dataset: str) -> tuple:
         if dataset in self.rda_files:
@@ -314,6 +325,10 @@ class MiniWorld(World):
             raise Unavailable(f"no tiny CLIP checkpoint at {self.pretrained}: set pretrain_command "
                               f"in the mini config or pass --pretrained")
         return jobs
+
+    def noise_overrides(self, dataset, noise):
+        # SynthPEDES domains have no released permutation: drawn from the run's seed (not saved).
+        return ["noise_draw=true"]
 
     def rda_file(self, dataset: str) -> tuple:
         out = os.path.join(self.runs, "rda", f"{STEMS[dataset]}.rda.json")

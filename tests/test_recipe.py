@@ -119,7 +119,7 @@ def test_icl_configs_refuse_to_train_without_their_rda_file(config, tmp_path):
     ds = DATASETS[config.split("_", 1)[1][:-5]]
     out = tmp_path / "runs"
     cfg = load_config(config, [f"root_dir={tmp_path / 'data'}", f"output_dir={out}", "device=cpu",
-                               f"noisy_file={tmp_path / 'noise.npy'}", "noisy_rate=0.2"])
+                               f"noisy_file={tmp_path / 'noise.npy'}", "noisy_rate=0.2", "noise_draw=true"])
     with pytest.raises(FileNotFoundError) as err:
         train(cfg, progress=False)
     msg = str(err.value)
@@ -244,3 +244,43 @@ def test_special_tokens_written_in_a_caption_are_one_token_each():
     assert tok.encode("<|StartOfText|>man") == [49406, 786]
     assert tokenize("<|mask|>")[:3].tolist() == [49406, 49405, 49407]
     assert tok.decode([49405]) == "<|mask|>" and tok.vocab_size == 49408
+
+
+# ------------------------------------------------------------------------ noise files
+def test_noisy_run_refuses_a_missing_noise_file_and_records_the_one_it_reads(tiny_clip_path, micro_root,
+                                                                          tmp_path, capsys):
+    """The release's run_rde.sh names noiseindex/<dataset>_<rate>.npy: a missing file stops the run
+    before anything is written (no new permutation under the release's name); the file read is
+    recorded with its sha256 in the run's config.yaml."""
+    import hashlib
+
+    import numpy as np
+    import yaml
+
+    from datasets.noise import NoiseFileError
+    from processor.trainer import train
+
+    missing = tmp_path / "noiseindex" / "SynthPEDES_0.5.npy"
+    cfg = _synth_cfg(tiny_clip_path, micro_root, tmp_path / "runs", noisy_rate=0.5, noisy_file=str(missing),
+                     batch_size=64, img_aug=False, txt_aug=False)
+    with pytest.raises(NoiseFileError, match="2024-CVPR-RDE/noiseindex"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "runs").exists() and not missing.parent.exists()
+    import train as train_cli  # the command line says the same, without a traceback
+    assert train_cli.main(["device=cpu", f"noisy_file={missing}", "noisy_rate=0.5",
+                           f"output_dir={tmp_path / 'runs'}"]) == 2
+    assert "2024-CVPR-RDE/noiseindex" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+    # The release's files are read as they are (int64 permutation), and identified in the run.
+    from datasets import build_dataset
+    n = len(build_dataset("SynthPEDES", micro_root).train)
+    index = np.arange(n)
+    index[: n // 2] = np.roll(index[: n // 2], 1)
+    missing.parent.mkdir()
+    np.save(missing, index)
+    train(cfg, str(tmp_path / "runs" / "noisy"), progress=False)
+    saved = yaml.safe_load((tmp_path / "runs" / "noisy" / "config.yaml").read_text())
+    assert saved["noisy_file"] == str(missing)
+    assert saved["noisy_file_sha256"] == hashlib.sha256(missing.read_bytes()).hexdigest()
+    assert np.array_equal(np.load(missing), index)          # read, never rewritten

@@ -87,7 +87,7 @@ def test_ccd_flags_injected_noise(scratch_run, tiny_clip_path, synth300, tmp_pat
     run, _ = scratch_run
     cfg = tiny_cfg(tiny_clip_path, synth300, tmp_path, loss_names="InfoNCE", temperature=0.07, lr=1e-4,
                    warmup_epochs=0, num_epoch=2, eval_period=5, noisy_rate=0.4,
-                   noisy_file=str(tmp_path / "noise.npy"), init_checkpoint=os.path.join(run, "best.pth"))
+                   noisy_file=str(tmp_path / "noise.npy"), noise_draw=True, init_checkpoint=os.path.join(run, "best.pth"))
     history = train(cfg, str(tmp_path / "noisy"), progress=False)
     for record in history["epochs"]:
         assert record["noisy_precision"] > 0.8 and record["noisy_recall"] > 0.8, record

@@ -44,7 +44,11 @@ DEFAULTS: dict[str, Any] = {
     "test_batch_size": 512,
     "num_workers": 4,
     "noisy_rate": 0.0,
-    "noisy_file": None,          # index file of the shuffled pairs (created when missing)
+    "noisy_file": None,          # index file of the shuffled pairs: the release's noiseindex/<dataset>_<rate>.npy;
+                                 # a missing file is an error unless noise_draw (datasets/noise.py)
+    "noise_draw": False,         # true: draw a new permutation from seed when noisy_file is missing (saved
+                                 # there, never under a release name) or unset (not saved)
+    "noisy_file_sha256": None,   # filled by train.py: sha256 of the noise file read (the run's record)
     "rda": True,                 # true: RDA sub-sentences when the annotation file carries them | false |
                                  # required: refuse to train without them (the ICL configs)
     # model
@@ -134,7 +138,7 @@ class ConfigError(ValueError):
 
 # Keys whose default is None (or whose default's type is not the whole story): accepted types.
 OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
-    "anno_file": (str,), "noisy_file": (str,), "init_checkpoint": (str,), "emb_lr": (float,),
+    "anno_file": (str,), "noisy_file": (str,), "noisy_file_sha256": (str,), "init_checkpoint": (str,), "emb_lr": (float,),
 }
 # Keys that may also be a bool (YAML reads "amp: false" as a bool; resolve_amp treats it as none).
 ALSO_BOOL = {"amp"}
