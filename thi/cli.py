@@ -36,7 +36,14 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--backend", required=True, choices=BACKENDS, help="MLLM backend")
     ap.add_argument("--model", help="MLLM directory (vllm, transformers), e.g. "
                                     "Qwen2-VL-7B-Instruct")
-    ap.add_argument("--lora", help="LoRA adapter directory (vllm, transformers)")
+    ap.add_argument("--lora", help="LoRA adapter directory (vllm, transformers): the ICL LoRA "
+                                   "served unmerged on the base model in --model")
+    ap.add_argument("--merged", action="store_true",
+                    help="--model is the ICL LoRA merged into Qwen2-VL-7B-Instruct (the release's way, "
+                         "LLaMA-Factory export); the results folder and table say so")
+    ap.add_argument("--no-lora", action="store_true",
+                    help="the MLLM is the base model without the ICL LoRA (Table 6 #2, an ablation); "
+                         "the results folder and table say so")
     ap.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
     ap.add_argument("--served-model", help="model name on the server (openai backend); with "
                                            "'vllm serve --enable-lora' the adapter's name")
@@ -119,18 +126,41 @@ def load_eval_dir(run_dir: str, target: str, root: Optional[str]) -> dict:
             "captions": captions, "image_paths": image_paths, "gallery_feats": feats}
 
 
+def check_tuning(args) -> None:
+    """``--lora``, ``--merged`` and ``--no-lora`` name one way the MLLM was (not) tuned."""
+    given = [f for f, on in (("--lora", bool(getattr(args, "lora", None))),
+                             ("--merged", getattr(args, "merged", False)),
+                             ("--no-lora", getattr(args, "no_lora", False))) if on]
+    if len(given) > 1:
+        raise SystemExit(f"{' and '.join(given)} exclude each other: --lora ADAPTER (the ICL LoRA on the base "
+                         "model), --merged (--model holds the LoRA merged in), or --no-lora (the base model)")
+
+
+def tuning_note(args) -> str:
+    """One line naming the MLLM's tuning, printed above THI's table."""
+    if getattr(args, "no_lora", False):
+        return "MLLM without the ICL LoRA (--no-lora: Table 6 #2, an ablation, not the paper's THI)"
+    if getattr(args, "merged", False):
+        return f"MLLM: the ICL LoRA merged into {args.model} (--merged, the release's setting)"
+    if getattr(args, "lora", None):
+        return f"MLLM: {args.model} + the ICL LoRA adapter {args.lora} (served unmerged)"
+    return ""
+
+
 def mllm_label(args) -> str:
-    """The default results-folder name of the chosen MLLM: backend and model (and adapter), so
-    that different backends and models never share a results folder."""
+    """The default results-folder name of the chosen MLLM: backend and model (and adapter, or
+    ``+merged`` / ``+nolora``), so that different backends and models never share a results folder."""
     from utils.mllm.identity import label
 
     if args.backend == "simulated":
         rate = getattr(args, "error_rate", 0.0) or 0.0
         return label("simulated", f"err{rate:g}-seed{args.seed}" if rate else None)
+    tag = ("+nolora" if getattr(args, "no_lora", False) else "+merged" if getattr(args, "merged", False)
+           else None)
     if args.backend == "openai":
-        return label("openai", args.served_model)
+        return label("openai", args.served_model, tag).replace("-+", "+")
     return label(args.backend, args.model, f"+{os.path.basename(os.path.normpath(args.lora))}"
-                 if args.lora else None).replace("-+", "+")
+                 if args.lora else tag).replace("-+", "+")
 
 
 def backend_options(args, root: Optional[str], target: str, cache_dir: str) -> dict:
@@ -181,6 +211,7 @@ def main(argv: Optional[list] = None) -> int:
     args = (sweep_ap if is_sweep else run_ap).parse_args(argv[1:] if is_sweep else argv)
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+    check_tuning(args)
     target, data, score, client, out = _prepare(args, "sweep" if is_sweep else "")
     progress = not args.no_progress
     common = dict(rounds=args.rounds, q_pids=data["q_pids"], g_pids=data["g_pids"], out_dir=out,
@@ -202,6 +233,8 @@ def main(argv: Optional[list] = None) -> int:
                              score, lam=args.lam, xi=xi, ask=args.ask, **common)
             if result.rounds and result.rounds[-1].get("metrics"):
                 from .report import rounds_table
+                if tuning_note(args):
+                    print(tuning_note(args))
                 print(rounds_table(result.base_metrics, result.rounds))
             print(f"THI results in {out}: rounds.json/csv, final_similarity.npy, rankings.npy, "
                   f"queries.jsonl, cost.json, thi.log")
