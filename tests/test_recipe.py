@@ -284,3 +284,37 @@ def test_noisy_run_refuses_a_missing_noise_file_and_records_the_one_it_reads(tin
     assert saved["noisy_file"] == str(missing)
     assert saved["noisy_file_sha256"] == hashlib.sha256(missing.read_bytes()).hexdigest()
     assert np.array_equal(np.load(missing), index)          # read, never rewritten
+
+
+# ------------------------------------------------------------------- UFine6926's 168 positions
+@pytest.mark.parametrize("mode", ["interpolate", "release_random"])
+def test_168_token_text_positions_from_clip(tiny_clip_path, pre_checkpoint, mode):
+    """Both releases resize the 77-row table with F.interpolate(posemb.reshape(1, 1, 77, D), 168,
+    mode='bilinear'), which gives [1, 168, 168]; copying that into the [168, D] table fails inside a
+    bare except, so the table keeps its random N(0, 0.01) init (and "+pre" skips it). Ours by
+    default: linear interpolation (the paper's text). clip_text_pos=release_random: the release."""
+    import torch.nn.functional as F
+
+    from model.clip import read_clip_state_dict
+
+    clip_pos = read_clip_state_dict(tiny_clip_path)["positional_embedding"].float()
+    width = clip_pos.shape[1]
+    released = F.interpolate(clip_pos.reshape(1, 1, 77, width), 168, mode="bilinear").squeeze(0)
+    assert released.shape == (1, 168, 168) != (168, width)          # the copy cannot succeed
+    torch.manual_seed(0)
+    model = build_model(_tiny("configs/rde_ufine6926.yaml", tiny_clip_path, clip_text_pos=mode))
+    table = model.state_dict()[TEXT_POS_KEY]
+    assert table.shape == (168, width)
+    if mode == "interpolate":
+        assert torch.equal(table, resize_text_pos_embed(clip_pos, 168))
+    else:
+        assert abs(float(table.std()) - 0.01) < 0.002                 # the random init, N(0, 0.01)
+        assert not torch.allclose(table[:77], clip_pos, atol=1e-3)
+        # "+pre" with the release's skip keeps that random table too.
+        path, _ = pre_checkpoint
+        pre = build_model(_tiny("configs/rde_ufine6926.yaml", tiny_clip_path, clip_text_pos=mode,
+                                init_checkpoint=path, init_text_pos="skip"))
+        assert abs(float(pre.state_dict()[TEXT_POS_KEY].std()) - 0.01) < 0.002
+    # At 77 tokens both modes load CLIP's table unchanged.
+    short = build_model(_tiny("configs/rde_cuhk_pedes.yaml", tiny_clip_path, clip_text_pos=mode))
+    assert torch.equal(short.state_dict()[TEXT_POS_KEY], clip_pos)

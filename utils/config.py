@@ -56,6 +56,9 @@ DEFAULTS: dict[str, Any] = {
     "init_checkpoint": None,     # optional RDE/IRRA/our checkpoint to start from ("+pre" in the release)
     "init_text_pos": "interpolate",  # init_checkpoint's text position table of another length:
                                  # interpolate | skip (the release: keep the model's own table)
+    "clip_text_pos": "interpolate",  # CLIP's 77-row text position table into text_length != 77:
+                                 # interpolate (the paper) | release_random (both releases, effectively:
+                                 # the table keeps its random init N(0, 0.01); docs/DEVIATIONS.md)
     "stride_size": 16,
     "select_ratio": 0.3,
     "tse_embed_dim": 1024,
@@ -148,7 +151,7 @@ NON_NEGATIVE = {"num_workers", "warmup_epochs", "lr", "weight_decay", "temperatu
 CHOICES = {"sampler": ("random", "identity"), "val_dataset": ("val", "test"),
            # release switches (docs/DEVIATIONS.md)
            "train_mode": ("train", "release_icl"), "ccd_loss_pass": ("eval_transform", "train_loader"),
-           "init_text_pos": ("interpolate", "skip")}
+           "init_text_pos": ("interpolate", "skip"), "clip_text_pos": ("interpolate", "release_random")}
 _TYPE_NAMES = {bool: "a boolean (true/false)", int: "an integer", float: "a number (float)", str: "a string",
                list: "a list"}
 
