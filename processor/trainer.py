@@ -204,6 +204,10 @@ def train(cfg: Config, run_dir: str | None = None, *, progress: bool = True,
                 f"ccd_loss_pass {cfg.ccd_loss_pass}")
 
     net = model
+    if world > 1 and cfg.get("sync_bn", True):
+        # The TSE BatchNorm layers normalise (train_mode: train) with the global batch's statistics.
+        from processor.sync_bn import convert_sync_batchnorm
+        logger.info(f"sync_bn: {convert_sync_batchnorm(model)} BatchNorm layers synchronised across {world} ranks")
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)

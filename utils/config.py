@@ -28,6 +28,8 @@ DEFAULTS: dict[str, Any] = {
     "log_period": 100,
     "eval_period": 1,
     "distributed": False,        # set by train.py when started by torchrun (WORLD_SIZE > 1)
+    "sync_bn": True,             # under DDP: BatchNorm statistics over the global batch (processor/sync_bn.py);
+                                 # false: each GPU's share (matters with train_mode: train)
     "save_eval": True,           # write eval/<dataset>/ for the best epoch (THI reads it)
     # data
     "dataset_name": "CUHK-PEDES",
