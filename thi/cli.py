@@ -60,6 +60,9 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0, help="simulated backend: error seed")
     ap.add_argument("--rounds", type=int, default=5, help="K, interaction rounds (paper: 5)")
     ap.add_argument("--temperature", type=float, default=0.01)
+    ap.add_argument("--release-sampling", action="store_true",
+                    help="vllm/transformers: sample at --temperature as the release does (vLLM at 0.01, "
+                         "unseeded there); default: below 0.05 decode greedily (reproducible)")
     ap.add_argument("--max-tokens", type=int, default=2048, help="MLLM reply limit (the release: 2048)")
     ap.add_argument("--cache-dir", help="MLLM response cache (default RUN/mllm_cache)")
     ap.add_argument("--micro-batch", type=int, help="requests per MLLM call; each call's answers "
@@ -159,8 +162,9 @@ def mllm_label(args) -> str:
            else None)
     if args.backend == "openai":
         return label("openai", args.served_model, tag).replace("-+", "+")
+    sampled = "sampled" if getattr(args, "release_sampling", False) else None  # the release's decoding
     return label(args.backend, args.model, f"+{os.path.basename(os.path.normpath(args.lora))}"
-                 if args.lora else tag).replace("-+", "+")
+                 if args.lora else tag, sampled).replace("-+", "+")
 
 
 def backend_options(args, root: Optional[str], target: str, cache_dir: str) -> dict:
