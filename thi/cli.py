@@ -87,6 +87,9 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                                               "0.55 with ICFG-PEDES as target)")
     run.add_argument("--out", help="results folder (default RUN/thi/TARGET/LABEL, LABEL naming "
                                    "the backend and model, e.g. vllm-Qwen2-VL-7B-Instruct+icl_lora)")
+    run.add_argument("--eq6-one-at", default="anchor", choices=("anchor", "top1"),
+                     help="where Eq. 6 sets the refined similarity to 1: the anchor (both codebases, "
+                          "default) or the base top-1 image (the paper's Eq. 6 as printed)")
     run.add_argument("--ask", default="needed", choices=("needed", "unrefined", "all"),
                      help="who is asked the localization question (same anchors; 'unrefined' "
                           "is the release's schedule)")
@@ -234,7 +237,7 @@ def main(argv: Optional[list] = None) -> int:
 
             xi = args.xi if args.xi is not None else TARGET_XI.get(target, DEFAULT_XI)
             result = run_thi(data["similarity"], data["captions"], data["image_paths"], client,
-                             score, lam=args.lam, xi=xi, ask=args.ask, **common)
+                             score, lam=args.lam, xi=xi, ask=args.ask, one_at=args.eq6_one_at, **common)
             if result.rounds and result.rounds[-1].get("metrics"):
                 from .report import rounds_table
                 if tuning_note(args):
