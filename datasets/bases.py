@@ -13,6 +13,8 @@ from torch.utils.data import Dataset
 from .annotations import SubSentences, TrainItem
 from .text_aug import txt_aug as augment_tokens
 
+from utils.tokenizer import tokenize
+
 
 def read_image(path: str) -> Image.Image:
     """Open an image as RGB; the error names the file."""
@@ -25,7 +27,6 @@ def read_image(path: str) -> Image.Image:
 
 def _tokenize(caption: str, text_length: int) -> torch.Tensor:
     # Imported lazily: the tokenizer loads its BPE vocabulary on first use.
-    from utils.tokenizer import tokenize
 
     return tokenize(caption, text_length=text_length, truncate=True)
 

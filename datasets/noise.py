@@ -23,6 +23,8 @@ import numpy as np
 
 from .annotations import TrainItem
 
+from utils.io import atomic_save_npy
+
 logger = logging.getLogger("ICL.datasets")
 T = TypeVar("T")
 
@@ -133,8 +135,6 @@ def build_noise_index(num: int, noisy_rate: float, noisy_file: str | os.PathLike
     index = np.arange(num, dtype=np.int64)
     index[selected] = rng.permutation(selected)
     if path is not None:
-        from utils.io import atomic_save_npy
-
         atomic_save_npy(path, index)
         logger.info("drew a new noisy-pair index (rate %.2f, seed %d; noise_draw=true) and saved it to %s",
                     noisy_rate, seed, path)

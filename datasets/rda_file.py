@@ -10,14 +10,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import get_reader
+
 RDA_KEY = b'"diversity_captions"'
 RDA_VALUES = (True, False, "required")
 
 
 def expected_rda_file(dataset_name: str, root: str | os.PathLike) -> Path:
     """``<root>/<dataset>/<first annotation name>.rda.json`` (where `python -m rda generate` writes)."""
-    from . import get_reader
-
     reader = get_reader(dataset_name)
     stem = os.path.splitext(reader.anno_names[0])[0]
     return Path(root).expanduser() / reader.name / f"{stem}.rda.json"

@@ -14,6 +14,10 @@ import torch
 
 from model.rde import RDE
 
+from model.clip import CLIP, infer_config, load_clip, resize_text_pos_embed
+from utils.io import torch_load
+from utils.config import load_run_config
+
 logger = logging.getLogger("ICL.model")
 
 __all__ = ["RDE", "build_model", "load_checkpoint", "load_init_checkpoint", "load_run", "read_state_dict"]
@@ -30,8 +34,6 @@ def _rde(cfg, base) -> RDE:
 
 def build_model(cfg) -> RDE:
     """RDE on a CLIP loaded from ``cfg.pretrain_choice`` (then ``cfg.init_checkpoint``, if set)."""
-    from model.clip import load_clip
-
     base = load_clip(cfg.pretrain_choice, image_size=tuple(cfg.img_size), stride=cfg.stride_size,
                      text_length=cfg.text_length, text_pos=cfg.get("clip_text_pos", "interpolate"))
     model = _rde(cfg, base)
@@ -44,8 +46,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model weights in a checkpoint file: ours (``{"model": sd, ...}``), the RDE/IRRA
     releases' (``{"model": sd}``, possibly fp16 and with DDP's ``module.`` prefix) or a bare
     state dict; tensors returned in float32."""
-    from utils.io import torch_load  # errors name the file (a truncated copy, a wrong file)
-
     obj: Any = torch_load(path, weights_only=False)
     sd = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else obj
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
@@ -101,8 +101,6 @@ def load_init_checkpoint(model: RDE, path: str | os.PathLike, text_pos: str = "i
     an error naming the keys. Returns and logs ``{"loaded", "interpolated", "skipped", "missing",
     "unexpected"}`` (key lists); ``missing``: model keys the checkpoint lacks (kept as built).
     """
-    from model.clip import resize_text_pos_embed
-
     if text_pos not in INIT_TEXT_POS:
         raise ValueError(f"init_text_pos={text_pos!r}: choose one of {', '.join(INIT_TEXT_POS)}")
     sd = read_state_dict(path)
@@ -143,8 +141,6 @@ def load_init_checkpoint(model: RDE, path: str | os.PathLike, text_pos: str = "i
 
 def build_from_weights(cfg, path: str | os.PathLike) -> RDE:
     """RDE whose backbone shape is read from a checkpoint's ``base_model.*`` weights."""
-    from model.clip import CLIP, infer_config
-
     sd = read_state_dict(path)
     base_sd = {k[len("base_model."):]: v for k, v in sd.items() if k.startswith("base_model.")}
     if not base_sd:
@@ -159,8 +155,6 @@ def build_from_weights(cfg, path: str | os.PathLike) -> RDE:
 def load_run(run_dir: str | os.PathLike, device: torch.device | str = "cpu",
              checkpoint: str = "best.pth") -> tuple[RDE, Any]:
     """(model in eval mode on ``device``, resolved config) of a run directory."""
-    from utils.config import load_run_config
-
     cfg = load_run_config(run_dir)
     path = os.path.join(run_dir, checkpoint)
     if not os.path.isfile(path):

@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from model import objectives
 from model.tse import TexualEmbeddingLayer, VisualEmbeddingLayer
 
+import torch.distributed as dist
+from torch.distributed.nn.functional import all_gather
+
 
 class RDE(nn.Module):
     def __init__(self, base_model: nn.Module, *, select_ratio: float = 0.3, tse_embed_dim: int = 1024,
@@ -122,8 +125,6 @@ class _CrossRank:
     in a single process."""
 
     def __init__(self, n: int, device: torch.device):
-        import torch.distributed as dist
-
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if self.world == 1:
             self.local = slice(0, n)
@@ -139,7 +140,6 @@ class _CrossRank:
         """All ranks' rows of ``x``, concatenated in rank order, gradients flowing back."""
         if self.world == 1:
             return x
-        from torch.distributed.nn.functional import all_gather
 
         return self._unpad(all_gather(self._pad(x)))
 
@@ -147,7 +147,6 @@ class _CrossRank:
         """Like calling, for tensors that need no gradient (ids, weights)."""
         if self.world == 1:
             return x
-        import torch.distributed as dist
 
         x = self._pad(x).contiguous()
         parts = [torch.empty_like(x) for _ in range(self.world)]

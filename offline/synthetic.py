@@ -17,6 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
+from offline.synth_text import parse_caption
+
 
 def _image_key(path: str) -> str:
     norm = os.path.abspath(os.fspath(path)).replace(os.sep, "/")
@@ -35,8 +37,6 @@ class AttributeSimilarity:
 
     def __init__(self, attributes: str, image_paths: Sequence[str], scale: float = 0.45,
                  noise: float = 0.1, seed: int = 0):
-        from offline.synth_text import parse_caption
-
         path = os.fspath(attributes)
         if os.path.isdir(path):
             path = os.path.join(path, "attributes.json")

@@ -60,6 +60,16 @@ from typing import Optional
 
 from utils.mllm.base import DEFAULT_PIXELS, Request
 
+from utils.mllm.parsing import parse_vqa
+from utils.mllm.prompts import T_LOC, aggr_prompt, dec_prompt, loc_prompt, rwt_prompt, vqa_prompt
+from .simulated import SimulatedClient
+from offline.synth_text import parse_caption
+from utils.mllm.base import DEFAULT_SYSTEM
+from utils.mllm.hf_backend import TransformersClient, chat_messages, processor_size
+from utils.mllm.images import prepare_image
+from tqdm import tqdm
+from .tiny_qwen2vl import build_tokenizer, make_model
+
 BUILDER_VERSION = 3
 # BPE pieces end at paragraph breaks; with a vocabulary large enough, BPE merges every piece of
 # the training texts into one token: the prompt's caption line, the aggregation prompt's list of
@@ -102,10 +112,6 @@ class Example:
 
 def teacher_examples(dataset_dir: str, recipe: Recipe) -> list[Example]:
     """The training set: the simulated MLLM's answers to ICL's prompts (see the module doc)."""
-    from utils.mllm.parsing import parse_vqa
-    from utils.mllm.prompts import aggr_prompt, dec_prompt, loc_prompt, rwt_prompt, vqa_prompt
-    from .simulated import SimulatedClient
-
     teacher = SimulatedClient(dataset_dir)
     with open(os.path.join(dataset_dir, "reid_raw.json"), encoding="utf-8") as f:
         records = json.load(f)
@@ -135,7 +141,6 @@ def teacher_examples(dataset_dir: str, recipe: Recipe) -> list[Example]:
     # Every "Yes" pair, and per caption the "No" images sharing most of its attributes (the
     # ones a retrieval model ranks high, so THI asks about them).
     rng = random.Random(recipe.seed)
-    from offline.synth_text import parse_caption
     attrs = teacher.images
     for i, caption in enumerate(captions):
         said = parse_caption(caption)
@@ -153,7 +158,6 @@ def teacher_examples(dataset_dir: str, recipe: Recipe) -> list[Example]:
     # Aggregation where THI asks it: a caption with the answers about an image it matches; and
     # where RDA asks it: a training caption with its own image's answers.
     pairs = [(q.text, q.image) for q, a in zip(loc_reqs, loc) if a == "Yes"]
-    from utils.mllm.prompts import T_LOC
     prefix, suffix = T_LOC.split("{caption}")
     pairs = [(t[len(prefix):len(t) - len(suffix)], p) for t, p in pairs]
     rda_pairs = [(c, img(r)) for r in rda_records for c in r["captions"]]
@@ -173,7 +177,6 @@ def teacher_examples(dataset_dir: str, recipe: Recipe) -> list[Example]:
 
 
 def _corpus(examples: list[Example]) -> list[str]:
-    from utils.mllm.base import DEFAULT_SYSTEM
     return [DEFAULT_SYSTEM] + [t for e in examples for t in (e.request.text, e.answer)]
 
 
@@ -181,9 +184,6 @@ def _encode(examples: list[Example], processor, pixels: int) -> list[dict]:
     """Per example: input ids (prompt + answer + <|im_end|>), labels on the answer part only,
     and the image's pixel values as the clients send them (resized to the budget once). Each
     distinct image goes through the image processor once; texts are tokenized in one batch."""
-    from utils.mllm.hf_backend import chat_messages, processor_size
-    from utils.mllm.images import prepare_image
-
     tok = processor.tokenizer
     end = tok.convert_tokens_to_ids("<|im_end|>")
     merge = processor.image_processor.merge_size ** 2
@@ -313,9 +313,6 @@ def build_tiny_icl(dataset_dir: "str | os.PathLike", out_dir: "str | os.PathLike
     """Train the model and write it to ``out_dir``; returns a report (loss, accuracy per kind on
     its own training examples, seconds), also saved as ``out_dir/tiny_icl.json``."""
     import torch
-    from tqdm import tqdm
-
-    from .tiny_qwen2vl import build_tokenizer, make_model
 
     t0 = time.time()
     dataset_dir = os.fspath(dataset_dir)
@@ -377,8 +374,6 @@ def evaluate(model_dir: "str | os.PathLike", examples: list[Example], *, pixels:
     ``loc_captions_both`` captions got both answers over their images (the answer depends on
     the image), ``loc_images_both`` images got both answers over their captions (it depends on
     the text)."""
-    from utils.mllm.hf_backend import TransformersClient
-
     rng = random.Random(seed)
     chosen: dict[str, list[Example]] = {}
     for e in examples:

@@ -11,6 +11,10 @@ from model.features import extract_image_features, extract_text_features, simila
 from utils.io import atomic_save_npy, atomic_save_npz, atomic_write_json
 from utils.metrics import metrics_table, t2i_metrics
 
+from datasets import build_eval_loaders
+from model import load_run
+from utils.device import resolve_amp, resolve_device
+
 logger = logging.getLogger("ICL.eval")
 
 
@@ -57,10 +61,6 @@ def evaluate_run(run_dir: str, *, dataset: str | None = None, root: str | None =
                  progress: bool = True) -> dict:
     """Evaluate a run directory on its dataset or another one (cross-domain) and write
     ``<run_dir>/eval/<dataset>/`` (similarity, ids, captions, image paths, gallery features)."""
-    from datasets import build_eval_loaders
-    from model import load_run
-    from utils.device import resolve_amp, resolve_device
-
     dev = resolve_device(device)
     model, cfg = load_run(run_dir, dev, checkpoint=checkpoint)
     target = dataset or cfg.dataset_name

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from torch.distributed.nn.functional import all_reduce
+
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -26,7 +28,6 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.track_running_stats) or _world() == 1 or x.dim() != 2:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
 
         stats = torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), float(x.shape[0]))])
         stats = all_reduce(stats.float())

@@ -25,6 +25,12 @@ from utils.io import atomic_save_npz, atomic_torch_save, atomic_write_json, torc
 from utils.logger import setup_logger
 from utils.run_dir import start_train_run
 
+from datasets.noise import NoiseFileError, check_noise_file
+from datasets import build_dataloader
+from datasets.rda_file import require_rda_file
+from processor.sync_bn import convert_sync_batchnorm
+from processor.evaluate import evaluate_run
+
 
 def set_seed(seed: int) -> None:
     random.seed(seed)
@@ -145,8 +151,6 @@ def ccd_weights(cfg, model, loaders, device, amp, epoch, rank, world, run_dir, l
 def record_noise_file(cfg: Config) -> None:
     """Check the noise file the run will read and record its sha256 in the config (saved in the
     run's config.yaml next to ``noisy_file``); a preset ``noisy_file_sha256`` must match."""
-    from datasets.noise import NoiseFileError, check_noise_file
-
     sha = check_noise_file(float(cfg.noisy_rate or 0.0), cfg.get("noisy_file"), bool(cfg.get("noise_draw")))
     if cfg.get("noisy_file_sha256") and sha != cfg.noisy_file_sha256:
         raise NoiseFileError(f"noisy_file {cfg.get('noisy_file')} has sha256 {sha}, not noisy_file_sha256="
@@ -165,9 +169,6 @@ def train(cfg: Config, run_dir: str | None = None, *, progress: bool = True,
     ``run_dir`` defaults to ``<output_dir>/<name>``; with ``resume: true`` a run continues from
     ``last.pth`` exactly where it stopped. ``stop_after_epoch`` ends early (tests, debugging).
     """
-    from datasets import build_dataloader  # here: datasets/ knows nothing of the model
-    from datasets.rda_file import require_rda_file
-
     device = resolve_device(cfg.device)
     rank, world = D.init_distributed(device)
     if device.type == "cuda" and world > 1:
@@ -206,7 +207,6 @@ def train(cfg: Config, run_dir: str | None = None, *, progress: bool = True,
     net = model
     if world > 1 and cfg.get("sync_bn", True):
         # The TSE BatchNorm layers normalise (train_mode: train) with the global batch's statistics.
-        from processor.sync_bn import convert_sync_batchnorm
         logger.info(f"sync_bn: {convert_sync_batchnorm(model)} BatchNorm layers synchronised across {world} ranks")
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -317,7 +317,6 @@ def train(cfg: Config, run_dir: str | None = None, *, progress: bool = True,
     if rank == 0:
         logger.info(f"best R1 {history.best_r1:.2f} at epoch {history.best_epoch}; run directory {run_dir}")
         if cfg.save_eval and history.best_epoch > 0 and os.path.isfile(os.path.join(run_dir, "best.pth")):
-            from processor.evaluate import evaluate_run
             evaluate_run(run_dir, device=str(device), progress=progress)
     if tb is not None:
         tb.close()

@@ -11,6 +11,14 @@ from typing import Optional
 
 from utils.mllm.cli_options import client_options
 
+from datasets import build_dataset
+from utils.mllm import build_client
+from .generate import default_paths, run_rda
+import numpy as np
+from .run_data import load_run_inputs
+from .sft import make_anchor_sft, write_llamafactory_dataset
+from utils.io import atomic_write_json
+
 BACKENDS = ("vllm", "openai", "transformers", "simulated")
 
 # SFT records per class ("Yes" and "No" each) when --positives/--negatives are not given. The
@@ -88,11 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_generate(args) -> int:
-    from datasets import build_dataset
-    from utils.mllm import build_client
-
-    from .generate import default_paths, run_rda
-
     dataset = build_dataset(args.dataset, args.root, args.anno_file, check_images=False)
     with open(dataset.anno_path, encoding="utf-8") as f:
         records = json.load(f)
@@ -127,11 +130,6 @@ def _count(value: Optional[int], default: Optional[int], pool: int, what: str) -
 
 
 def run_sft(args) -> int:
-    import numpy as np
-
-    from .run_data import load_run_inputs
-    from .sft import make_anchor_sft, write_llamafactory_dataset
-
     inputs = load_run_inputs(args.run, root=args.root, dataset_name=args.dataset,
                              anno_file=args.anno_file, device=args.device,
                              checkpoint=args.checkpoint, top_k=args.top_k,
@@ -155,7 +153,6 @@ def run_sft(args) -> int:
     info = {"dataset": name, "run": os.path.abspath(args.run), "ccd_file": inputs.ccd_file,
             "pairs": len(p.captions), "clean_pairs": int(len(eligible)), "positives": positives,
             "negatives": negatives, "top_k": args.top_k, "seed": args.seed, "file": path}
-    from utils.io import atomic_write_json
     atomic_write_json(os.path.join(args.out, f"{args.name}.meta.json"), info)
     print(json.dumps(info, indent=2))
     print(f"train with: bash scripts/sft_lora.sh train MODEL_DIR {args.out} ADAPTER_DIR "

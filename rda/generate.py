@@ -40,6 +40,10 @@ from .filters import (FilterCounts, clean_pieces, looks_like_english, looks_like
                       looks_like_vqa_reply, split_sentences)
 from .store import AnswerLog, atomic_write_json
 
+from utils.mllm.identity import identity_info
+import inspect
+from tqdm import tqdm
+
 log = logging.getLogger("rda")
 
 STAGES = ("vqa", "aggr", "dec", "rwt")
@@ -127,7 +131,6 @@ class RDAGenerator:
 
     # --- state ---------------------------------------------------------------------------
     def _meta(self) -> dict:
-        from utils.mllm.identity import identity_info
         return {"format": STATE_FORMAT, "prompt_version": PROMPT_VERSION,
                 "temperature": self.temperature, "max_tokens": self.max_tokens,
                 "client": identity_info(self.client)}
@@ -154,7 +157,6 @@ class RDAGenerator:
         """Ask the client for every key of ``stage`` not yet answered, in chunks; each chunk's
         usable answers (``accept``) are persisted before the next chunk is sent."""
         answers = self.logs[stage]
-        import inspect
         try:
             params = inspect.signature(self.client.generate).parameters
             extra = ({"accept": accept} if "accept" in params
@@ -168,7 +170,6 @@ class RDAGenerator:
         self.summary.requests_this_run[stage] = len(pending)
         if not pending:
             return
-        from tqdm import tqdm
         bar = tqdm(total=len(pending), desc=f"RDA {stage}", unit="req", disable=not self.progress)
         try:
             for start in range(0, len(pending), self.chunk_size):

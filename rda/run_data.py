@@ -15,6 +15,13 @@ from typing import Any, Optional
 
 import numpy as np
 
+from datasets.noise import build_noise_index, permute_captions
+from datasets import ImageDataset, TextDataset, build_dataset, build_transforms
+from model.features import extract_image_features, extract_text_features, similarity_from_features
+from .sft import topk_indices
+from model import load_run
+from utils.device import resolve_device
+
 log = logging.getLogger("rda")
 
 
@@ -38,7 +45,6 @@ def training_pairs(dataset, *, noisy_rate: float = 0.0, noisy_file: Optional[str
     train = dataset.train
     captions = [item[3] for item in train]
     if noisy_rate:
-        from datasets.noise import build_noise_index, permute_captions
         index = build_noise_index(len(train), float(noisy_rate), noisy_file, int(seed), draw=noise_draw)
         captions = permute_captions(captions, index)
     num_images = 1 + max((item[1] for item in train), default=-1)
@@ -98,12 +104,6 @@ def train_top_indices(model, pairs: TrainPairs, cfg, device, *, top_k: int = 10,
     import torch
     from torch.utils.data import DataLoader
 
-    from datasets import ImageDataset, TextDataset, build_transforms
-    from model.features import (extract_image_features, extract_text_features,
-                                similarity_from_features)
-
-    from .sft import topk_indices
-
     transform = build_transforms(cfg.img_size, aug=False, is_train=False)
     images = DataLoader(ImageDataset(pairs.image_pids.tolist(), pairs.image_paths, transform),
                         batch_size=batch_size, shuffle=False)
@@ -129,10 +129,6 @@ def load_run_inputs(run_dir: str, *, root: Optional[str] = None, dataset_name: O
     """Rebuild the run's model and training pairs, rank the training images for every training
     caption, and read the latest CCD clean labels (when the run has them and the dataset is the
     run's own)."""
-    from datasets import build_dataset
-    from model import load_run
-    from utils.device import resolve_device
-
     dev = resolve_device(device)
     model, cfg = load_run(run_dir, dev, checkpoint=checkpoint)
     own = dataset_name is None or dataset_name == cfg.dataset_name

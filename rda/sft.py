@@ -16,6 +16,8 @@ from utils.mllm.prompts import loc_prompt
 
 from .store import atomic_write_json
 
+import json
+
 YES, NO = "Yes", "No"
 
 
@@ -156,7 +158,6 @@ def write_llamafactory_dataset(records: list[dict], out_dir: "str | os.PathLike[
     info_path = os.path.join(out_dir, "dataset_info.json")
     info = {}
     if os.path.exists(info_path):
-        import json
         with open(info_path, encoding="utf-8") as f:
             info = json.load(f)
     info[name] = dataset_info_entry(file_name)

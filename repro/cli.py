@@ -18,6 +18,12 @@ import sys
 import time
 from typing import Optional
 
+from .worlds import MiniWorld, RealWorld, Unavailable
+from .figures import FIGURES
+from .jobs import Runner, _fmt
+from .tables import TABLES
+from utils.io import atomic_write_text
+
 SUBCOMMANDS = ("table1", "table2", "table34", "table5", "table6", "rde_noise",
                "fig3", "fig5", "fig6", "fig7")
 # The real world's plan also holds the step that makes THI's tuned MLLM (first: THI needs it).
@@ -85,8 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_world(args):
-    from .worlds import MiniWorld, RealWorld
-
     if args.world == "mini":
         return MiniWorld.from_file(args.config, runs=args.runs, scale=args.scale,
                                    train_config=args.train_config, pretrained=args.pretrained)
@@ -134,10 +138,6 @@ def main(argv: Optional[list] = None) -> int:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     os.chdir(root)  # train.py, test.py and the configs are addressed from the repository root
     sys.path.insert(0, root)
-    from .figures import FIGURES
-    from .jobs import Runner, _fmt
-    from .tables import TABLES
-    from .worlds import Unavailable
 
     world = make_world(args)
     out = args.out or ("docs/results" if args.world == "mini" else "results")
@@ -182,8 +182,6 @@ def main(argv: Optional[list] = None) -> int:
             "repro.worlds", fromlist=["REAL_BASIS"]).REAL_BASIS
         print(f"basis: {basis}")
     elif args.what == "all":
-        from utils.io import atomic_write_text
-
         lines = ["# Time per sub-command", "", f"World {world.name}, scale "
                  f"{getattr(world, 'scale_name', 'full')}; wall-clock seconds on this machine "
                  "(jobs already done by an earlier sub-command are not counted again).", "",

@@ -15,6 +15,9 @@ from .worlds import PAPER_XI, Unavailable, World
 
 from utils.io import atomic_write_json
 
+from utils.io import atomic_write_text
+from PIL import Image
+
 
 def _plt():
     import matplotlib
@@ -110,8 +113,6 @@ def fig3(world: World, runner: Runner, out_dir: str) -> dict:
 
 
 def _write_md(out_dir, name, lines, payload):
-    from utils.io import atomic_write_text
-
     atomic_write_text(os.path.join(out_dir, f"{name}.md"), "\n".join(lines) + "\n")
     atomic_write_json(os.path.join(out_dir, f"{name}.json"), payload)
 
@@ -230,7 +231,6 @@ def fig7(world: World, runner: Runner, out_dir: str, queries: int = 4) -> dict:
     order = np.lexsort((np.arange(gain.size), -gain, ra > k))
     chosen = [int(q) for q in order[:queries] if gain[q] > 0] or [int(order[0])]
     plt = _plt()
-    from PIL import Image
 
     height = 2 * len(chosen) * 2.75
     fig, axes = plt.subplots(2 * len(chosen), k, figsize=(1.3 * k, height), squeeze=False)

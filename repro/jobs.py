@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
+import importlib
+
 
 @dataclass(frozen=True)
 class Lazy:
@@ -69,8 +71,6 @@ def entry_point(argv: Sequence[str]):
 
 
 def call_in_process(module: str, args: list) -> int:
-    import importlib
-
     try:
         code = importlib.import_module(module).main(args)
     except SystemExit as exc:  # argparse errors and explicit exits

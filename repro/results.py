@@ -8,6 +8,9 @@ from typing import Optional
 
 import numpy as np
 
+import yaml
+from thi.threshold import choose_xi
+
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 
 
@@ -24,7 +27,6 @@ def training_done(run_dir: str) -> bool:
     path = os.path.join(run_dir, "metrics.json")
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(run_dir, "config.yaml")):
         return False
-    import yaml
 
     with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
         cfg = yaml.safe_load(f) or {}
@@ -91,7 +93,6 @@ def top1_stats(similarity: np.ndarray, q_pids, g_pids) -> dict:
 def xi_crossover(top1: np.ndarray, correct: np.ndarray) -> float:
     """The Fig. 3 threshold (where the correct and wrong top-1 histograms cross): THI's own rule,
     ``thi.threshold.choose_xi``, so the mini paper and the demo pick xi the same way."""
-    from thi.threshold import choose_xi
     return choose_xi(top1, correct)
 
 

@@ -19,6 +19,10 @@ import yaml
 from . import results
 from .jobs import Job, Lazy, py
 
+from datasets.noise import release_noise_name
+from utils.pre_checkpoints import PRE_CHECKPOINT_FILES, PRE_SOURCE, pre_checkpoint, pre_tag
+import numpy as np
+
 # What each method of the tables is, on top of the dataset's config. CLIP and IRRA are the
 # RDE architecture trained with their losses (InfoNCE; SDM) and no CCD: stand-ins for the
 # fine-tuned CLIP and the IRRA model of Table 5 when no released checkpoint is given.
@@ -172,7 +176,6 @@ class RealWorld(World):
 
     def noise_overrides(self, dataset, noise):
         # The release's permutation (noiseindex/<dataset>_<rate>.npy, as its run_rde.sh names it).
-        from datasets.noise import release_noise_name
         return [f"noisy_file={os.path.join(self.noise_dir, release_noise_name(dataset, noise))}"]
 
     def rda_file(self, dataset: str) -> tuple:
@@ -209,7 +212,6 @@ class RealWorld(World):
 
     def pre_checkpoint_for(self, dataset: str) -> Optional[str]:
         """Group 2's init for ``dataset`` (the release's best0/1/2 from a folder, or a per-dataset file)."""
-        from utils.pre_checkpoints import pre_checkpoint
         pre = self.pre_checkpoint
         if not pre:
             return None
@@ -230,12 +232,10 @@ class RealWorld(World):
         if group == 2:
             init = self.pre_checkpoint_for(dataset)
             if not init:
-                from utils.pre_checkpoints import PRE_CHECKPOINT_FILES, PRE_SOURCE
                 raise Unavailable(
                     f"group 2 (+pre) needs --pre-checkpoint: a folder holding {PRE_SOURCE} "
                     f"(the release starts {dataset} from {PRE_CHECKPOINT_FILES.get(dataset, '?')}), "
                     f"or {dataset}=PATH", seconds=self._train_seconds(dataset))
-            from utils.pre_checkpoints import pre_tag
             name = name[:-len("_pre")] + "_" + pre_tag(init)
         run = os.path.join(self.runs, name)
         over = [f"root_dir={self.root}", f"name={name}", "resume=true", *spec["overrides"]]
@@ -521,8 +521,6 @@ class MiniWorld(World):
         qs = sw.get("xi_quantiles", [0.1, 0.3, 0.5, 0.7, 0.9])
 
         def xis() -> str:  # quantiles of the run's own top-1 similarities (its scale, not CLIP's)
-            import numpy as np
-
             ev = results.load_eval(run_dir, target_name)
             top1 = ev["similarity"].max(axis=1)
             return ",".join(f"{float(np.quantile(top1, q)):.4f}" for q in qs)

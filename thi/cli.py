@@ -19,6 +19,15 @@ from typing import Optional
 
 import numpy as np
 
+from utils.mllm.identity import label
+from utils.mllm.cli_options import client_options
+from model import load_run
+from utils.config import load_run_config
+from utils.device import resolve_amp, resolve_device
+from utils.mllm import build_client
+from .scoring import make_score_texts
+from .queries import apply_queries, queries_subfolder
+
 BACKENDS = ("simulated", "vllm", "openai", "transformers")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DEFAULT_XI = 0.5
@@ -156,8 +165,6 @@ def tuning_note(args) -> str:
 def mllm_label(args) -> str:
     """The default results-folder name of the chosen MLLM: backend and model (and adapter, or
     ``+merged`` / ``+nolora``), so that different backends and models never share a results folder."""
-    from utils.mllm.identity import label
-
     if args.backend == "simulated":
         rate = getattr(args, "error_rate", 0.0) or 0.0
         return label("simulated", f"err{rate:g}-seed{args.seed}" if rate else None)
@@ -173,20 +180,11 @@ def mllm_label(args) -> str:
 def backend_options(args, root: Optional[str], target: str, cache_dir: str) -> dict:
     """``build_client`` options for the chosen backend; errors name the missing flag (the
     simulated backend's attributes default to ROOT/TARGET/attributes.json)."""
-    from utils.mllm.cli_options import client_options
-
     return client_options(args, os.path.join(root, target) if root else None, cache_dir)
 
 
 def _prepare(args, default_out: str):
     """Shared set-up: run config, eval folder, model scorer, MLLM client, output folder."""
-    from model import load_run
-    from utils.config import load_run_config
-    from utils.device import resolve_amp, resolve_device
-    from utils.mllm import build_client
-
-    from .scoring import make_score_texts
-
     if not os.path.isdir(args.run):
         raise SystemExit(f"--run {args.run} is not a directory: pass a run written by train.py "
                          f"or test.py --weights")
@@ -201,7 +199,6 @@ def _prepare(args, default_out: str):
     score = make_score_texts(model, data["gallery_feats"], cfg.text_length, device,
                              batch_size=args.batch_size, amp=resolve_amp(cfg.get("amp"), device))
     if getattr(args, "queries", None):
-        from .queries import apply_queries, queries_subfolder
         data = apply_queries(data, args.queries, score)
         default_out = os.path.join(queries_subfolder(args.queries), default_out)
     client = build_client(args.backend, **options)

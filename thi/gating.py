@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from utils.metrics import topk
+
 # "needed": only queries that can still get an anchor (ours); "unrefined": every query without
 # an anchor, every round (the ICL release); "all": every query every round (all K candidates).
 ASK_SCHEMES = ("needed", "unrefined", "all")
@@ -26,8 +28,6 @@ ASK_SCHEMES = ("needed", "unrefined", "all")
 def candidates(similarity, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` gallery indices per query ([Q, k] int64, best first; ties by gallery order) and
     the top-1 base similarity ([Q] float64)."""
-    from utils.metrics import topk
-
     values, index = topk(similarity, k)
     return index.numpy().astype(np.int64), values[:, 0].double().numpy()
 

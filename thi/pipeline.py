@@ -22,6 +22,16 @@ from . import gating, report
 from .rerank import check_lambda, rerank_rows
 from .state import THIState, fingerprint, load_similarity, load_state, save_state
 
+from utils.mllm.parsing import parse_vqa, parse_yes_no
+from utils.mllm import Request
+from utils.mllm.prompts import aggr_prompt, loc_prompt, vqa_prompt
+from contextlib import nullcontext
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+from utils.metrics import t2i_metrics, topk
+from utils.mllm.identity import identity_info
+from utils.io import atomic_save_npy, atomic_write_json
+
 TOP_K_SAVED = 10
 # A stage whose answers are unparseable more often than this gets a loud warning (log, summary).
 MOSTLY_UNPARSEABLE = 0.5
@@ -93,12 +103,10 @@ def _takes_accept(client) -> bool:
 
 
 def _usable_loc(answer: str) -> bool:
-    from utils.mllm.parsing import parse_yes_no
     return parse_yes_no(answer) is not None
 
 
 def _usable_vqa(answer: str) -> bool:
-    from utils.mllm.parsing import parse_vqa
     return bool(parse_vqa(answer))
 
 
@@ -113,25 +121,16 @@ USABLE = {"loc": _usable_loc, "vqa": _usable_vqa, "aggr": _usable_aggr}
 
 def loc_request(caption: str, image):
     """Step 1's request: does ``caption`` describe ``image`` (a candidate's path)?"""
-    from utils.mllm import Request
-    from utils.mllm.prompts import loc_prompt
-
     return Request(loc_prompt(caption), image=image)
 
 
 def vqa_request(image):
     """Step 2's request: the 15 human-centred questions on the anchor ``image``."""
-    from utils.mllm import Request
-    from utils.mllm.prompts import vqa_prompt
-
     return Request(vqa_prompt(), image=image)
 
 
 def aggr_request(caption: str, subtexts: Sequence[str]):
     """Step 3's request: the original ``caption`` and the parsed VQA ``subtexts`` -> one query."""
-    from utils.mllm import Request
-    from utils.mllm.prompts import aggr_prompt
-
     return Request(aggr_prompt(caption, list(subtexts)))
 
 
@@ -151,8 +150,6 @@ def refine_query(client, caption: str, anchor_image, *, temperature: float = 0.0
     The same requests and parsers as ``run_thi``; an unusable VQA answer gives ``([], "")``
     (no aggregation asked), an unusable aggregation answer ``(subtexts, "")``.
     """
-    from utils.mllm.parsing import parse_vqa
-
     opts = {"temperature": temperature, "max_tokens": max_tokens}
     subtexts = parse_vqa(ask_one(client, "vqa", vqa_request(anchor_image), **opts))
     if not subtexts:
@@ -274,8 +271,6 @@ class _Interaction:
 
     def localize(self, r: int, stage: _Stage) -> None:
         """Step 1: ask candidate r of the queries the schedule picks; gate new anchors."""
-        from utils.mllm.parsing import parse_yes_no
-
         st, rec = self.state, self.state.current
         asked = np.flatnonzero(gating.ask_mask(self.ask_scheme, r, self.rounds, self.top1,
                                                self.xi, self.anchors, self.said_yes))
@@ -298,8 +293,6 @@ class _Interaction:
 
     def vqa(self, r: int, stage: _Stage) -> None:
         """Step 2: the 15 questions on each new anchor image, parsed into sub-sentences."""
-        from utils.mllm.parsing import parse_vqa
-
         st = self.state
         reqs = [vqa_request(self.image_paths[self.anchors[q]]) for q in st.pending]
         kept, answers, ok = [], stage.ask("vqa", reqs), []
@@ -393,11 +386,6 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
     similarity to 1: ``anchor`` (both codebases) or ``top1`` (the paper's Eq. 6 as printed: the
     query's top-1 image of the base ranking).
     """
-    from contextlib import nullcontext
-
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     sim_base = _as_matrix(similarity)
     captions = [str(c) for c in captions]
     image_paths = [os.fspath(p) for p in image_paths]
@@ -410,13 +398,10 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
     num_q = sim_base.shape[0]
     metrics = None
     if q_pids is not None:
-        from utils.metrics import t2i_metrics
         q_pids, g_pids = np.asarray(q_pids, dtype=np.int64), np.asarray(g_pids, dtype=np.int64)
 
         def metrics(s):
             return report.with_rsum(t2i_metrics(s, q_pids, g_pids))
-
-    from utils.mllm.identity import identity_info
 
     # The MLLM's identity belongs to the results: another model never gets this folder's results.
     fp = fingerprint(sim_base, captions, image_paths, lam=lam, xi=xi, rounds=rounds, ask=ask,
@@ -488,9 +473,6 @@ def _write_outputs(out_dir: str, state: THIState, result: THIResult, captions, i
                    cands: np.ndarray, top1: np.ndarray) -> None:
     """Final similarity, top-10 rankings, per-query records, per-round metrics and the cost
     report; the state then points at final_similarity.npy (the run is complete)."""
-    from utils.io import atomic_save_npy, atomic_write_json
-    from utils.metrics import topk
-
     atomic_save_npy(os.path.join(out_dir, "final_similarity.npy"), result.similarity)
     k = min(TOP_K_SAVED, result.similarity.shape[1])
     atomic_save_npy(os.path.join(out_dir, "rankings.npy"), topk(result.similarity, k)[1].numpy())

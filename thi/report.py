@@ -11,6 +11,10 @@ from typing import Mapping, Optional, Sequence
 
 from utils.io import atomic_write_json, atomic_write_text
 
+from utils.metrics import metrics_table
+from prettytable import PrettyTable
+from utils.logger import setup_logger
+
 METRICS = ("R1", "R5", "R10", "mAP", "mINP", "rSum")
 STAGE_NAMES = ("loc", "vqa", "aggr")
 
@@ -24,8 +28,6 @@ def with_rsum(metrics: Mapping[str, float]) -> dict:
 
 def round_table(round_no: int, base: Mapping, previous: Mapping, now: Mapping) -> str:
     """Base / previous round / this round, as the release prints after every round."""
-    from utils.metrics import metrics_table
-
     prev_name = "base" if round_no == 1 else f"round {round_no - 1}"
     return metrics_table([("base", base), (f"previous ({prev_name})", previous),
                           (f"round {round_no}", now)], title=f"THI round {round_no}")
@@ -35,8 +37,6 @@ def rounds_table(base: Mapping, rounds: Sequence[Mapping]) -> str:
     """One row per round (the paper's Fig. 6 as a table): metrics after each round, the MLLM
     requests that round made per stage, its new anchors and its unparseable answers per stage
     (loc/vqa/aggr; unparseable localization answers count as "No")."""
-    from prettytable import PrettyTable
-
     table = PrettyTable(["after", *METRICS, "loc", "vqa", "aggr", "new anchors",
                          "unparseable loc/vqa/aggr"])
     table.title = "THI per round"
@@ -55,8 +55,6 @@ def rounds_table(base: Mapping, rounds: Sequence[Mapping]) -> str:
 def make_logger(log_file: Optional[str], console: bool) -> logging.Logger:
     """The ``thi`` logger, writing to ``log_file`` (appended) and, if ``console``, to stdout.
     Call :func:`close_logger` when done so the file is released."""
-    from utils.logger import setup_logger
-
     return setup_logger("thi", log_file, console=console)
 
 
@@ -133,8 +131,6 @@ def write_queries(out_dir: str, rows: Sequence[Mapping]) -> None:
 
 def grid_table(values: Mapping, lams: Sequence[float], xis: Sequence[float], metric: str) -> str:
     """A xi-by-lambda grid of one metric (the paper's Fig. 5)."""
-    from prettytable import PrettyTable
-
     table = PrettyTable([f"{metric}: xi \\ lambda", *(f"{lam:g}" for lam in lams)])
     for xi in xis:
         table.add_row([f"{xi:g}", *(f"{values[(xi, lam)][metric]:.2f}" for lam in lams)])

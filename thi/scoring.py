@@ -5,6 +5,10 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from model.features import image_similarity, text_similarity
+from utils.tokenizer import tokenize
+from datasets.transforms import build_transforms
+
 
 def _gallery_tensors(gallery_feats: Mapping[str, np.ndarray]) -> dict:
     """The saved gallery's BGE (and TSE, when present) features as float32 tensors: both views
@@ -26,9 +30,6 @@ def make_score_texts(model, gallery_feats: Mapping[str, np.ndarray], text_length
     run's base similarity, so refined and original queries live on one scale.
     """
     import torch
-
-    from model.features import text_similarity
-    from utils.tokenizer import tokenize
 
     if "bge" not in gallery_feats:
         raise KeyError(f"gallery features lack 'bge' (have {sorted(gallery_feats)}); re-run "
@@ -57,9 +58,6 @@ def make_score_images(model, gallery_feats: Mapping[str, np.ndarray], img_size, 
     gallery, the query images resized and normalised like the gallery (``img_size`` = the
     run's [H, W]) and compared on the same rule as ``make_score_texts`` (BGE and TSE mean)."""
     import torch
-
-    from datasets.transforms import build_transforms
-    from model.features import image_similarity
 
     gallery = _gallery_tensors(gallery_feats)
     if "bge" not in gallery:

@@ -19,6 +19,8 @@ from . import report
 from .pipeline import _score, run_thi
 from .rerank import check_lambda, rerank
 
+from utils.io import atomic_write_json, atomic_write_text
+
 
 @dataclass
 class SweepResult:
@@ -98,8 +100,6 @@ def format_sweep(result: SweepResult) -> str:
 
 def write_sweep(out_dir: str, result: SweepResult) -> None:
     """``sweep.json`` (everything) and ``sweep.csv`` (one row per grid point)."""
-    from utils.io import atomic_write_json, atomic_write_text
-
     points = [{"xi": xi, "lam": lam, **v} for (xi, lam), v in result.grid.items()]
     atomic_write_json(os.path.join(out_dir, "sweep.json"),
                       {"lams": result.lams, "xis": result.xis, "base": result.base,

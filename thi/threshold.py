@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from datasets import build_eval_loaders
+from model import load_run
+from model.features import extract_image_features, extract_text_features, similarity_from_features
+
 
 def top1_outcomes(similarity: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(top-1 similarity [Q], whether the top-1 gallery item has the query's identity [Q])."""
@@ -63,10 +67,6 @@ def xi_from_split(run_dir: str, split: str = "val", *, device: str = "cpu", prog
     """``choose_xi`` on a run's best checkpoint, scored on ``split`` of its own dataset (not the
     reported test split). Returns (xi, stats with the counts, mean top-1 similarity of correct and
     wrong retrievals, and the histograms)."""
-    from datasets import build_eval_loaders
-    from model import load_run
-    from model.features import extract_image_features, extract_text_features, similarity_from_features
-
     model, cfg = load_run(run_dir, device)
     img_loader, txt_loader, _ = build_eval_loaders(cfg, split=split)
     g_pids, g_feats = extract_image_features(model, img_loader, device, None, progress)

@@ -13,6 +13,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from utils.io import atomic_write_text
+
 # Every key a config may set, with its default (the paper's settings for CUHK-PEDES, except the
 # release switches and emb_lr, which configs/rde_*.yaml and configs/icl_*.yaml set explicitly;
 # see docs/DEVIATIONS.md).
@@ -261,7 +263,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
 
 def save_config(cfg: dict, path: str | os.PathLike) -> None:
     """Write the resolved config atomically."""
-    from utils.io import atomic_write_text
     atomic_write_text(path, yaml.safe_dump(dict(cfg), sort_keys=False))
 
 

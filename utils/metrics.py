@@ -27,6 +27,9 @@ from typing import Iterable, Iterator, Mapping, Sequence, Union
 import numpy as np
 import torch
 
+from tqdm import tqdm
+from prettytable import PrettyTable
+
 ArrayLike = Union[torch.Tensor, np.ndarray, Sequence]
 METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
 
@@ -271,8 +274,6 @@ def t2i_metrics_from_features(
     acc = _Accumulator()
     chunks = similarity_chunks(q_feats, g_feats, chunk_size, device)
     if progress:
-        from tqdm import tqdm
-
         chunks = tqdm(chunks, total=-(-num_q // int(chunk_size)), desc="t2i metrics", unit="chunk")
     for start, sim in chunks:
         acc.add(*_chunk_ranks(sim, gallery.columns(q_np[start:start + sim.shape[0]])), sim.shape[0])
@@ -342,8 +343,6 @@ def metrics_table(
     title: str | None = None,
 ) -> str:
     """A PrettyTable (task, R1, R5, R10, mAP, mINP, rSum) with 2 decimals, as in the papers."""
-    from prettytable import PrettyTable
-
     items = list(rows.items()) if isinstance(rows, Mapping) else list(rows)
     table = PrettyTable(["task", "R1", "R5", "R10", "mAP", "mINP", "rSum"])
     for name, m in items:

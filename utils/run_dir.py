@@ -18,6 +18,8 @@ import yaml
 
 from utils.io import TEMP_PREFIX
 
+from utils.config import DEFAULTS, _number
+
 logger = logging.getLogger("ICL.run")
 
 # Files whose presence makes a folder a run (training into it would overwrite them).
@@ -46,7 +48,6 @@ def is_run_dir(path: str | os.PathLike) -> bool:
 
 def _normalise(value: Any) -> Any:
     """Compare as saved: YAML round trip (tuples -> lists, 1e-5 strings -> floats)."""
-    from utils.config import _number
     return _number(yaml.safe_load(yaml.safe_dump(value)))
 
 
@@ -67,8 +68,6 @@ def _opt_in(cfg: Any) -> set[str]:
 def config_differences(saved: dict, cfg: dict, keys: Iterable[str] | None = None) -> dict[str, tuple]:
     """``{key: (saved value, new value)}`` for keys whose values differ (missing keys in an older
     saved config count as today's default)."""
-    from utils.config import DEFAULTS
-
     out = {}
     for key in sorted(keys if keys is not None else set(saved) | set(cfg)):
         old = _normalise(saved.get(key, DEFAULTS.get(key)))

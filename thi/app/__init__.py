@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from .engine import BadRequest, NotFound, SearchEngine, Session
 
+from .server import create_app as _create
+
 __all__ = ["BadRequest", "NotFound", "SearchEngine", "Session", "create_app"]
 
 
 def create_app(engine: SearchEngine):
     """The FastAPI application over ``engine`` (imports FastAPI only when called)."""
-    from .server import create_app as _create
-
     return _create(engine)

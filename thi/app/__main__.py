@@ -16,10 +16,14 @@ import argparse
 import sys
 from typing import Optional
 
+from ..cli import BACKENDS, _common
+from utils.logger import setup_logger
+from . import create_app
+from .launch import serve
+from .loader import build_engine
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import BACKENDS, _common
-
     ap = argparse.ArgumentParser(prog="python -m thi.app", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(ap)  # the same run, backend and device flags as `python -m thi`
@@ -41,11 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
-    from utils.logger import setup_logger
-
-    from . import create_app
-    from .launch import serve
-    from .loader import build_engine
 
     logger = setup_logger("ICL")
     engine = build_engine(args)

@@ -30,6 +30,8 @@ from ..pipeline import ask_one, loc_request, refine_query
 from ..rerank import check_lambda, rerank_rows
 from .attributes import attributes_to_text
 
+from utils.mllm.parsing import parse_yes_no
+
 KINDS = ("text", "attributes", "text_image", "image")
 ANSWERS = ("yes", "no", "mllm")
 MAX_TEXT_CHARS = 2000
@@ -259,8 +261,6 @@ class SearchEngine:
         raise BadRequest("every gallery image has been judged")
 
     def _ask_localization(self, session: Session, g: int, step: dict) -> str:
-        from utils.mllm.parsing import parse_yes_no
-
         if self.client is None:
             raise BadRequest("this server has no MLLM (start it with --backend); answer yourself")
         if not session.current_text:

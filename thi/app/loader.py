@@ -10,14 +10,21 @@ import numpy as np
 
 from .engine import SearchEngine
 
+from ..cli import EVAL_FILES, backend_options, load_eval_dir
+from datasets import build_eval_loaders
+from model.features import extract_image_features
+from model import load_run
+from utils.config import load_run_config
+from utils.device import resolve_amp, resolve_device
+from utils.mllm import build_client
+from ..scoring import make_score_images, make_score_texts
+
 logger = logging.getLogger("ICL.app")
 
 
 def gallery_from_eval_dir(run_dir: str, dataset: str) -> Optional[dict]:
     """The saved gallery of ``RUN/eval/DATASET`` (features, paths, ids, test queries) or None
     when that folder is incomplete."""
-    from ..cli import EVAL_FILES, load_eval_dir
-
     folder = os.path.join(run_dir, "eval", dataset)
     if not all(os.path.isfile(os.path.join(folder, f)) for f in EVAL_FILES):
         return None
@@ -30,9 +37,6 @@ def gallery_from_eval_dir(run_dir: str, dataset: str) -> Optional[dict]:
 def gallery_from_dataset(model, cfg, dataset: str, root: Optional[str], device, amp,
                          progress: bool = True) -> dict:
     """Gallery features of the dataset's test split, computed with ``model`` (once)."""
-    from datasets import build_eval_loaders
-    from model.features import extract_image_features
-
     ecfg = cfg.copy()
     ecfg.dataset_name = dataset
     if dataset != cfg.dataset_name:
@@ -49,14 +53,6 @@ def gallery_from_dataset(model, cfg, dataset: str, root: Optional[str], device, 
 
 def build_engine(args) -> SearchEngine:
     """The engine for ``python -m thi.app`` arguments (see ``thi/app/__main__.py``)."""
-    from model import load_run
-    from utils.config import load_run_config
-    from utils.device import resolve_amp, resolve_device
-    from utils.mllm import build_client
-
-    from ..cli import backend_options
-    from ..scoring import make_score_images, make_score_texts
-
     if not os.path.isdir(args.run):
         raise SystemExit(f"--run {args.run} is not a directory: pass a run written by train.py "
                          f"or test.py --weights")

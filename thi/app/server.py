@@ -30,6 +30,9 @@ from pydantic import BaseModel
 from .attributes import FIELDS
 from .engine import KINDS, BadRequest, NotFound, SearchEngine
 
+from PIL import Image, UnidentifiedImageError
+from utils.mllm import MLLMError
+
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_TOP_K = 100
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
@@ -42,8 +45,6 @@ class Feedback(BaseModel):
 
 
 def _decode_image(data: bytes, name: str):
-    from PIL import Image, UnidentifiedImageError
-
     if not data:
         raise BadRequest(f"the uploaded file {name!r} is empty")
     if len(data) > MAX_IMAGE_BYTES:
@@ -84,8 +85,6 @@ def create_app(engine: SearchEngine) -> FastAPI:
     @app.exception_handler(NotFound)
     async def _missing(_, exc: NotFound):
         return JSONResponse({"detail": str(exc)}, status_code=404)
-
-    from utils.mllm import MLLMError
 
     @app.exception_handler(MLLMError)
     async def _mllm(_, exc: MLLMError):

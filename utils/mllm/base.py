@@ -13,6 +13,10 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence, Union
 
+from .cache import ResponseCache, make_key
+from .identity import canonical
+from .prompts import PROMPT_VERSION
+
 if TYPE_CHECKING:  # PIL is only needed for the annotation here
     from PIL import Image
 
@@ -76,7 +80,6 @@ class BaseClient:
         self.retry_unusable = bool(retry_unusable)
         self.cache = None
         if cache_dir is not None:
-            from .cache import ResponseCache
             self.cache = ResponseCache(cache_dir)
         self.stats: dict = {"calls": 0, "requests": 0, "cache_hits": 0, "cache_misses": 0,
                             "unusable": 0}
@@ -96,7 +99,6 @@ class BaseClient:
         """:meth:`identity_info` as one string (part of every cache key)."""
         if type(self).identity_info is BaseClient.identity_info:
             raise NotImplementedError(f"{type(self).__name__} must implement identity_info()")
-        from .identity import canonical
         return canonical(self.identity_info())
 
     def _generate(self, requests: list[Request], temperature: float, max_tokens: int) -> list[str]:
@@ -112,8 +114,6 @@ class BaseClient:
                   identity: "str | None" = None) -> str:
         """The cache key of ``request`` under this client and these sampling parameters
         (``identity``: a precomputed ``self.identity()``)."""
-        from .cache import make_key
-        from .prompts import PROMPT_VERSION
         digest = None if request.image is None else self._image_digest(request.image)
         # The pixel budget changes what the model sees, so it belongs to image requests' keys.
         pixels = None if request.image is None else [self.min_pixels, self.max_pixels]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from . import default_dtype
+
 
 def client_options(args, dataset_dir: Optional[str], cache_dir: str) -> dict:
     """The chosen backend's ``build_client`` options; a missing or bad flag stops naming it.
@@ -12,8 +14,6 @@ def client_options(args, dataset_dir: Optional[str], cache_dir: str) -> dict:
     ``dataset_dir`` (ROOT/DATASET, or None when unknown) holds the simulated backend's default
     ``attributes.json``. Flags a command lacks (``--device``, ``--dtype``, ``--micro-batch``)
     are read as unset."""
-    from . import default_dtype
-
     def need(flag: str, value):
         if not value:
             raise SystemExit(f"--backend {args.backend} needs {flag}")

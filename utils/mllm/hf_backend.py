@@ -25,6 +25,9 @@ from typing import Sequence
 from .base import DEFAULT_PIXELS, BaseClient, MLLMError, Request
 from .images import PATCH_FACTOR, MAX_ASPECT_RATIO, prepare_image
 
+from .identity import local_identity, piped
+import copy
+
 GREEDY_BELOW = 0.05
 
 
@@ -108,14 +111,12 @@ class TransformersClient(BaseClient):
 
     def identity_info(self) -> dict:
         if self._identity is None:
-            from .identity import local_identity
             self._identity = local_identity(self.backend, self.model_dir, self.adapter_dir, self.dtype)
             if self.sample_low_temperature:
                 self._identity["sampling"] = "release"
         return dict(self._identity)
 
     def identity(self) -> str:
-        from .identity import piped
         return piped(self.identity_info())
 
     def describe(self) -> str:
@@ -175,7 +176,6 @@ class TransformersClient(BaseClient):
         """Sampling settings spelled out, so that the folder's generation_config (Qwen's sets
         top_k=1, top_p=0.001, repetition_penalty=1.05) does not differ from vLLM's offline
         defaults, which ignore it."""
-        import copy
         _, model = self._load()
         gc = copy.deepcopy(model.generation_config)
         greedy = is_greedy(temperature, self.sample_low_temperature)

@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from .base import DEFAULT_PIXELS, BaseClient, MLLMError, Request
 from .images import prepare_image
 
+from .identity import folder_digest
+
 log = logging.getLogger(__name__)
 
 
@@ -101,8 +103,6 @@ class OpenAIClient(BaseClient):
 
     def _query_models(self) -> dict:
         """What ``/v1/models`` says about ``self.model`` (see :meth:`identity_info`)."""
-        from .identity import folder_digest
-
         try:
             page = self._with_retries(lambda: self._client.models.list())
             entries = list(getattr(page, "data", None) or [])

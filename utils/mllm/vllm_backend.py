@@ -21,6 +21,8 @@ from .base import DEFAULT_PIXELS, BaseClient, MLLMError, Request
 from .hf_backend import chat_messages, check_model_dir, is_greedy, processor_size
 from .images import prepare_image
 
+from .identity import local_identity, piped
+
 # The ranks vLLM can allocate LoRA slots for (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Defaults for vLLM's CPU build, applied only without a CUDA GPU and only when unset:
@@ -129,14 +131,12 @@ class VLLMClient(BaseClient):
 
     def identity_info(self) -> dict:
         if self._identity is None:
-            from .identity import local_identity
             self._identity = local_identity(self.backend, self.model_dir, self.lora_dir, self.dtype)
             if self.sample_low_temperature:
                 self._identity["sampling"] = "release"
         return dict(self._identity)
 
     def identity(self) -> str:
-        from .identity import piped
         return piped(self.identity_info())
 
     def describe(self) -> str:
