@@ -138,9 +138,63 @@ OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
 }
 # Keys that may also be a bool (YAML reads "amp: false" as a bool; resolve_amp treats it as none).
 ALSO_BOOL = {"amp"}
-POSITIVE = {"batch_size", "test_batch_size", "num_epoch", "eval_period", "log_period", "num_instance",
-            "text_length", "stride_size", "tse_embed_dim"}
-NON_NEGATIVE = {"num_workers", "warmup_epochs", "lr", "weight_decay", "temperature"}
+# The valid range of every numeric key: (low, low included, high, high included); None is
+# unbounded. Floats must also be finite (YAML reads ``.nan`` and ``.inf``). A value outside its
+# range would train silently wrong (nan lr, inf temperature) or fail late (select_ratio 0 selects
+# no tokens): refused at load, before anything is written.
+INF = float("inf")
+RANGES: dict[str, tuple[float, bool, float, bool]] = {
+    # run
+    "seed": (0, True, INF, False), "log_period": (1, True, INF, False), "eval_period": (1, True, INF, False),
+    # data
+    "img_size": (1, True, INF, False), "text_length": (1, True, INF, False),
+    "num_instance": (1, True, INF, False), "batch_size": (1, True, INF, False),
+    "test_batch_size": (1, True, INF, False), "num_workers": (0, True, INF, False),
+    "noisy_rate": (0, True, 1, False),
+    # model
+    "stride_size": (1, True, INF, False), "select_ratio": (0, False, 1, True),
+    "tse_embed_dim": (1, True, INF, False), "temperature": (0, False, INF, False),
+    # losses
+    "tau": (0, False, INF, False), "margin": (0, True, INF, False),
+    "rda_gamma_start": (0, True, INF, False), "rda_gamma_decay": (0, True, INF, False),
+    "rda_gamma_min": (0, True, INF, False),
+    # solver
+    "lr": (0, False, INF, False), "lr_factor": (0, False, INF, False), "emb_lr": (0, False, INF, False),
+    "bias_lr_factor": (0, False, INF, False), "weight_decay": (0, True, INF, False),
+    "weight_decay_bias": (0, True, INF, False), "momentum": (0, True, 1, False),
+    "alpha": (0, True, 1, False), "beta": (0, True, 1, False), "adam_eps": (0, False, INF, False),
+    "num_epoch": (1, True, INF, False), "milestones": (1, True, INF, False), "gamma": (0, False, INF, False),
+    "warmup_epochs": (0, True, INF, False), "warmup_factor": (0, False, 1, True),
+    "target_lr": (0, True, INF, False), "power": (0, True, INF, False),
+}
+
+
+def describe_range(key: str) -> str:
+    """The valid values of numeric ``key`` in words ("a finite number > 0", "in (0, 1]")."""
+    lo, lo_in, hi, hi_in = RANGES[key]
+    default = DEFAULTS.get(key)
+    if isinstance(default, list):
+        return ("[height, width] of positive integers" if key == "img_size"
+                else "a list of positive integers in increasing order")
+    kind = "integer" if isinstance(default, int) and not isinstance(default, bool) else "number"
+    if hi == INF:
+        if kind == "integer":
+            return "a positive integer" if (lo, lo_in) == (1, True) else f"an integer >= {lo}"
+        return f"a finite number {'>=' if lo_in else '>'} {lo:g}"
+    return f"a {kind} in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def _in_range(key: str, value: Any) -> bool:
+    lo, lo_in, hi, hi_in = RANGES[key]
+    values = value if isinstance(value, list) else [value]
+    if key == "milestones" and any(b <= a for a, b in zip(values, values[1:])):
+        return False
+    for v in values:  # nan fails every comparison and inf the open upper bound: both refused
+        if not ((v >= lo) if lo_in else (v > lo)) or not ((v <= hi) if hi_in else (v < hi)):
+            return False
+    return True
+
+
 CHOICES = {"sampler": ("random", "identity"), "val_dataset": ("val", "test"),
            # release switches (docs/DEVIATIONS.md)
            "train_mode": ("train", "release_icl"), "ccd_loss_pass": ("eval_transform", "train_loader"),
@@ -209,14 +263,10 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         elif elem == {str} or (key == "resume_change"):
             if not all(isinstance(v, str) for v in value):
                 raise fail("a list of strings")
-    if key in POSITIVE and value <= 0:
-        raise fail("a positive value")
-    if key in NON_NEGATIVE and value < 0:
-        raise fail("a value >= 0")
+    if key in RANGES and not _in_range(key, value):
+        raise fail(describe_range(key))
     if key in CHOICES and value not in CHOICES[key]:
         raise fail("one of " + ", ".join(CHOICES[key]))
-    if key == "noisy_rate" and not 0.0 <= value < 1.0:
-        raise fail("a rate in [0, 1)")
     return value
 
 
