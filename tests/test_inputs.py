@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from utils.config import DEFAULTS, ConfigError, load_config
+from utils.errors import InputFileError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,3 +74,137 @@ def test_nan_in_a_yaml_file_is_refused_and_train_writes_nothing(tmp_path, capsys
     err = capsys.readouterr().err
     assert str(path) in err and "'lr'" in err and "finite" in err, err
     assert not run.exists()
+
+
+def test_non_utf8_config_file_names_the_file_and_the_byte(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_bytes(b"name: caf\xe9\nlr: 1e-5\n")
+    with pytest.raises(InputFileError) as exc:
+        load_config(str(path))
+    msg = str(exc.value)
+    assert str(path) in msg and "not UTF-8" in msg and "0xe9" in msg and "line 1" in msg, msg
+
+
+# ---------------------------------------------------------------- 5. / 9. dataset files
+def _image(path, array=None, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if array is None:
+        array = np.full((8, 4, 3), 120, np.uint8)
+    Image.fromarray(array, mode).save(path) if mode else Image.fromarray(array).save(path)
+
+
+def _dataset(tmp_path, records=None, anno_bytes=None):
+    """A CUHK-PEDES-layout folder with 2 train and 2 test records (images written)."""
+    records = records if records is not None else [
+        {"split": "train", "id": 1, "file_path": "a/1.png", "captions": ["a man in red", "red shirt"]},
+        {"split": "train", "id": 2, "file_path": "a/2.png", "captions": ["a woman in blue"]},
+        {"split": "test", "id": 7, "file_path": "t/7.png", "captions": ["a child"]},
+        {"split": "test", "id": 8, "file_path": "t/8.png", "captions": ["an old man"]},
+    ]
+    folder = tmp_path / "CUHK-PEDES"
+    folder.mkdir(parents=True, exist_ok=True)
+    anno = folder / "reid_raw.json"
+    if anno_bytes is not None:
+        anno.write_bytes(anno_bytes)
+    else:
+        anno.write_text(json.dumps(records))
+    for r in records:
+        if not (folder / "imgs" / r["file_path"]).exists():
+            _image(folder / "imgs" / r["file_path"])
+    return folder, records
+
+
+def _build(tmp_path, **kw):
+    from datasets import build_dataset
+
+    return build_dataset("CUHK-PEDES", tmp_path, **kw)
+
+
+def test_sixteen_bit_png_is_scaled_to_eight_bits(tmp_path):
+    from datasets.bases import read_image
+
+    gray = (np.arange(64 * 32).reshape(64, 32) % 256).astype(np.uint16)
+    path = tmp_path / "g16.png"
+    Image.fromarray(gray * 257).save(path)          # 16-bit grey: 0..65535
+    assert Image.open(path).mode.startswith("I;16")
+    rgb = np.asarray(read_image(str(path)))
+    assert rgb.shape == (64, 32, 3) and rgb.dtype == np.uint8
+    assert np.array_equal(rgb[..., 0], gray) and abs(rgb.mean() - gray.mean()) < 1e-9, rgb.mean()
+
+
+def test_float_image_is_refused_by_name(tmp_path):
+    from datasets.bases import read_image
+    from utils.errors import InputFileError
+
+    path = tmp_path / "f.tiff"
+    Image.fromarray(np.random.default_rng(0).random((8, 4)).astype(np.float32), "F").save(path)
+    with pytest.raises(InputFileError, match=str(path)):
+        read_image(str(path))
+
+
+def test_zero_byte_and_non_image_files_are_refused_at_start_up_naming_the_record(tmp_path):
+    from utils.errors import InputFileError
+
+    folder, _ = _dataset(tmp_path)
+    (folder / "imgs" / "a/2.png").write_bytes(b"")
+    (folder / "imgs" / "t/8.png").write_text("<html>not an image</html>")
+    with pytest.raises(InputFileError) as exc:
+        _build(tmp_path)
+    msg = str(exc.value)
+    assert "2 of 4 images" in msg and "a/2.png (record 1): empty file (0 bytes)" in msg, msg
+    assert "t/8.png (record 3): not an image" in msg and "reid_raw.json" in msg, msg
+
+
+def test_duplicated_test_record_is_refused_naming_both_records(tmp_path):
+    from utils.errors import InputFileError
+
+    _, records = _dataset(tmp_path)
+    records.append(dict(records[2]))
+    _dataset(tmp_path, records)
+    with pytest.raises(InputFileError) as exc:
+        _build(tmp_path)
+    msg = str(exc.value)
+    assert "records 2 and 4" in msg and "t/7.png" in msg and "'test'" in msg, msg
+
+
+def test_duplicated_train_record_is_reported_not_refused(tmp_path, caplog):
+    _, records = _dataset(tmp_path)
+    records.append(dict(records[0]))
+    _dataset(tmp_path, records)
+    with caplog.at_level("WARNING", logger="ICL.datasets"):
+        ds = _build(tmp_path)
+    assert len(ds.train) == 5
+    assert any("records 0 and 4" in r.getMessage() and "a/1.png" in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("split, field", [("test", "captions[0]"), ("train", "captions[1]")])
+def test_caption_with_a_lone_surrogate_is_refused_at_load(tmp_path, split, field):
+    from utils.errors import InputFileError
+
+    _, records = _dataset(tmp_path)
+    index = 0 if split == "train" else 2
+    text = '{"split": "%s", "id": %d, "file_path": "%s", "captions": ["a man", "bag \\udcff"]}' % (
+        split, records[index]["id"], records[index]["file_path"])
+    if split == "test":
+        text = text.replace('["a man", "bag \\udcff"]', '["bag \\udcff"]')
+    body = json.dumps(records)
+    start = body.index(json.dumps(records[index]))
+    body = body[:start] + text + body[start + len(json.dumps(records[index])):]
+    folder = tmp_path / "CUHK-PEDES"
+    (folder / "reid_raw.json").write_text(body)
+    with pytest.raises(InputFileError) as exc:
+        _build(tmp_path)
+    msg = str(exc.value)
+    assert f"record {index}: field '{field}'" in msg and "\\udcff" in msg and "reid_raw.json" in msg, msg
+
+
+def test_non_utf8_annotation_file_names_the_file(tmp_path):
+    from utils.errors import InputFileError
+
+    body = json.dumps([{"split": "test", "id": 7, "file_path": "t/7.png", "captions": ["caf-X"]}]).encode()
+    _dataset(tmp_path, anno_bytes=body.replace(b"caf-X", b"caf\xe9"))
+    with pytest.raises(InputFileError) as exc:
+        _build(tmp_path, check_images=False)
+    msg = str(exc.value)
+    assert "reid_raw.json: not UTF-8" in msg and "0xe9" in msg and "iconv" in msg, msg

@@ -13,6 +13,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from utils.errors import ProjectError
+
 # Every key a config may set, with its default (the paper's settings for CUHK-PEDES, except the
 # release switches and emb_lr, which configs/rde_*.yaml and configs/icl_*.yaml set explicitly;
 # see docs/DEVIATIONS.md).
@@ -128,8 +130,14 @@ def _parse_override(item: str) -> tuple[str, Any]:
     return key, _number(yaml.safe_load(value)) if value.strip() else None
 
 
-class ConfigError(ValueError):
+class ConfigError(ProjectError, ValueError):
     """A config value of the wrong type or out of range; the message names key, value and source."""
+
+
+class UnknownConfigKey(ConfigError, KeyError):
+    """A key that no config may set; the message lists the valid keys."""
+
+    __str__ = Exception.__str__  # KeyError would print the message in quotes
 
 
 # Keys whose default is None (or whose default's type is not the whole story): accepted types.
@@ -278,7 +286,7 @@ def check_types(cfg: dict, where: str = "config") -> dict:
 def _check_keys(keys: Iterable[str], where: str, allowed: dict) -> None:
     unknown = sorted(k for k in keys if k not in allowed)
     if unknown:
-        raise KeyError(f"{where}: unknown config key(s) {unknown}; valid keys: {sorted(allowed)}")
+        raise UnknownConfigKey(f"{where}: unknown config key(s) {unknown}; valid keys: {sorted(allowed)}")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = (),
@@ -288,10 +296,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
     if path is not None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file {path} not found (see configs/ for examples)")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        from utils.io import read_text
+        try:
+            data = yaml.safe_load(read_text(path)) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err}); fix the line shown or start from a file "
+                              "under configs/") from err
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: a config must be a YAML mapping of key: value")
+            raise ConfigError(f"{path}: a config must be a YAML mapping of key: value")
         _check_keys(data, str(path), cfg)
         cfg.update(check_types({k: _number(v) for k, v in data.items()}, str(path)))
     pairs = [_parse_override(o) for o in overrides]
