@@ -91,8 +91,8 @@ def run_generate(args) -> int:
     from .generate import default_paths, run_rda
 
     dataset = build_dataset(args.dataset, args.root, args.anno_file, check_images=False)
-    with open(dataset.anno_path, encoding="utf-8") as f:
-        records = json.load(f)
+    from utils.io import read_json
+    records = read_json(dataset.anno_path)  # validated by build_dataset just above
     out = args.out or os.path.splitext(str(dataset.anno_path))[0] + ".rda.json"
     if os.path.abspath(out) == os.path.abspath(str(dataset.anno_path)):
         raise SystemExit(f"--out {out} is the input annotation file; choose another path")

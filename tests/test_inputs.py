@@ -208,3 +208,72 @@ def test_non_utf8_annotation_file_names_the_file(tmp_path):
         _build(tmp_path, check_images=False)
     msg = str(exc.value)
     assert "reid_raw.json: not UTF-8" in msg and "0xe9" in msg and "iconv" in msg, msg
+
+
+# ---------------------------------------------------------------- 9. RDA state and meta files
+def test_rda_state_line_cut_inside_a_utf8_character_is_skipped_and_counted(tmp_path, caplog):
+    from rda.store import AnswerLog
+
+    path = tmp_path / "vqa.jsonl"
+    good = json.dumps({"k": "a.png", "v": "1. a café"}, ensure_ascii=False).encode() + b"\n"
+    torn = json.dumps({"k": "b.png", "v": "1. a caf\u00e9 wall"}, ensure_ascii=False).encode()
+    torn = torn[: torn.index("\u00e9".encode()) + 1]  # the kill cut the two-byte é in half
+    path.write_bytes(good + torn)
+    with caplog.at_level("WARNING"):
+        log = AnswerLog(path)
+    assert log.data == {"a.png": "1. a café"} and log.torn == 1
+    assert any("skipped 1 torn" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
+    assert path.read_bytes() == good  # rewritten without the torn line: appends start clean
+    log.add_many([("c.png", "ünïcode")])
+    assert AnswerLog(path).data == {"a.png": "1. a café", "c.png": "ünïcode"}
+
+
+@pytest.fixture(scope="module")
+def tiny_synth(tmp_path_factory):
+    from datasets.synthpedes import generate
+
+    root = tmp_path_factory.mktemp("inputs-data")
+    generate(root / "SynthPEDES", num_ids=3, images_per_id=2, seed=1)
+    return root / "SynthPEDES"
+
+
+@pytest.mark.parametrize("content", [b'{"format": 2, "prompt_v', b'{"format": "caf\xe9"}'])
+def test_rda_meta_json_cut_or_garbled_names_the_file_and_the_fix(tiny_synth, tmp_path, content):
+    from rda import generate_rda
+    from rda.generate import default_paths
+    from utils.mllm import build_client
+
+    records = json.loads((tiny_synth / "reid_raw.json").read_text())
+    out = tmp_path / "x.json"
+    state = default_paths(str(out))[0]
+    os.makedirs(state)
+    with open(os.path.join(state, "meta.json"), "wb") as f:
+        f.write(content)
+    client = build_client("simulated", attributes=str(tiny_synth), error_rate=0.0, seed=0)
+    with pytest.raises(InputFileError) as exc:
+        generate_rda(records, client, image_root=str(tiny_synth / "imgs"), out_path=out, limit=2,
+                     progress=False)
+    msg = str(exc.value)
+    assert os.path.join(state, "meta.json") in msg and f"delete {state}" in msg, msg
+
+
+def test_noise_index_file_that_is_not_npy_names_the_file(tmp_path):
+    from datasets.noise import build_noise_index
+
+    path = tmp_path / "noise.npy"
+    path.write_bytes(b"\x93NUMPY\x01\x00garbage")
+    with pytest.raises(InputFileError) as exc:
+        build_noise_index(10, 0.5, path)
+    assert f"noisy_file {path}" in str(exc.value) and "Delete it" in str(exc.value)
+
+
+@pytest.mark.parametrize("content", [b'{"other": {"file_na', b'{"other": "caf\xe9"}', b'[1, 2]'])
+def test_rda_sft_existing_dataset_info_unreadable_names_the_file(tmp_path, content):
+    from rda.sft import write_llamafactory_dataset
+
+    info = tmp_path / "dataset_info.json"
+    info.write_bytes(content)
+    with pytest.raises(InputFileError) as exc:
+        write_llamafactory_dataset([], tmp_path, "anchor")
+    assert str(info) in str(exc.value) and "delete it" in str(exc.value), str(exc.value)
+    assert info.read_bytes() == content and not (tmp_path / "anchor.json").exists()
