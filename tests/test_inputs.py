@@ -277,3 +277,89 @@ def test_rda_sft_existing_dataset_info_unreadable_names_the_file(tmp_path, conte
         write_llamafactory_dataset([], tmp_path, "anchor")
     assert str(info) in str(exc.value) and "delete it" in str(exc.value), str(exc.value)
     assert info.read_bytes() == content and not (tmp_path / "anchor.json").exists()
+
+
+# ---------------------------------------------------------------- 10. a nearly full disk
+_FSIZE_SCRIPT = r'''
+import resource, signal, sys
+import numpy as np
+sys.path.insert(0, {root!r})
+from utils.io import atomic_save_npy
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (57312, 57312))
+try:
+    atomic_save_npy({path!r}, np.zeros(16200, np.float32))  # 64800 bytes of data
+except Exception as err:
+    print(type(err).__name__, "|", getattr(err, "errno", None), "|", err)
+'''
+
+
+def test_numpy_real_write_path_on_a_full_disk_names_the_file(tmp_path):
+    """np.save into a real file goes through ndarray.tofile (C fwrite), which reports a short
+    write as ``OSError: 64800 requested and 57312 written`` with no errno: a file size limit
+    makes the kernel cut the write exactly as a disk filling up does."""
+    path = tmp_path / "final_similarity.npy"
+    path.write_bytes(b"previous result")
+    script = _FSIZE_SCRIPT.format(root=ROOT, path=str(path))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    kind, code, msg = (out.stdout.strip().split(" | ", 2) + ["", ""])[:3]
+    assert kind == "DiskFullError" and code == str(errno.ENOSPC), out.stdout + out.stderr
+    assert f"No space left on device writing {path}" in msg and "requested and" in msg, msg
+    assert "(64928 bytes)" in msg, msg  # header (128) + data: what the write needed
+    assert path.read_bytes() == b"previous result" and os.listdir(tmp_path) == [path.name]
+
+
+@pytest.fixture
+def dev_full():
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")  # Linux always has it
+    return "/dev/full"
+
+
+def test_real_enospc_from_the_kernel_names_the_file_for_numpy_json_and_torch(tmp_path, dev_full, monkeypatch):
+    """The temp file of an atomic write is /dev/full: every write fails with the kernel's real
+    ENOSPC, through numpy's, json's and torch's own write paths."""
+    import torch
+
+    import utils.io
+
+    real_open = open
+    monkeypatch.setattr(utils.io, "open", lambda f, mode="r", *a, **k: real_open(dev_full, mode, *a, **k),
+                        raising=False)
+    cases = [("sim.npy", lambda p: utils.io.atomic_save_npy(p, np.zeros(20000, np.float32))),
+             ("feats.npz", lambda p: utils.io.atomic_save_npz(p, a=np.zeros(20000, np.float32))),
+             ("cost.json", lambda p: utils.io.atomic_write_json(p, {"x": "y" * 20000})),
+             ("last.pth", lambda p: utils.io.atomic_torch_save(p, {"w": torch.zeros(20000)}))]
+    for name, write in cases:
+        with pytest.raises(utils.io.DiskFullError) as exc:
+            write(tmp_path / name)
+        assert f"No space left on device writing {tmp_path / name}" in str(exc.value), (name, str(exc.value))
+    assert os.listdir(tmp_path) == []
+
+
+def test_rda_state_append_on_a_full_disk_names_the_file(tmp_path, dev_full):
+    from rda.store import AnswerLog
+    from utils.io import DiskFullError
+
+    path = tmp_path / "state" / "vqa.jsonl"
+    log = AnswerLog(path)
+    log.add_many([("a.png", "1. a red coat")])
+    path.unlink()
+    os.symlink(dev_full, path)  # the disk is now full
+    with pytest.raises(DiskFullError) as exc:
+        log.add_many([("b.png", "1. a blue coat" * 100)])
+    msg = str(exc.value)
+    assert f"No space left on device writing {path}" in msg and "the append needs" in msg, msg
+
+
+def test_mllm_cache_append_on_a_full_disk_names_the_file(tmp_path, dev_full):
+    from utils.io import DiskFullError
+    from utils.mllm.cache import ResponseCache
+
+    cache = ResponseCache(str(tmp_path / "cache"))
+    os.makedirs(os.path.dirname(cache.path), exist_ok=True)
+    os.symlink(dev_full, cache.path)
+    with pytest.raises(DiskFullError) as exc:
+        cache.put_many({"k1": "an answer " * 50})
+    assert f"No space left on device writing {cache.path}" in str(exc.value), str(exc.value)
