@@ -28,6 +28,10 @@ TrainItem = tuple[int, int, str, str]          # (pid, image_id, absolute image 
 SubSentences = list[list[str]]                 # RDA: per caption, sub-sentences x alternatives
 
 
+class AnnotationNotFound(InputFileError, FileNotFoundError):
+    """A benchmark's annotation file is not where the reader looks."""
+
+
 def _split_dict() -> dict[str, list]:
     return {"image_pids": [], "img_paths": [], "caption_pids": [], "captions": []}
 
@@ -80,7 +84,7 @@ class BaseDataset:
         if anno_file is not None:
             path = Path(anno_file).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(
+                raise AnnotationNotFound(
                     f"{self.name}: annotation file {path} (given as anno_file) does not exist; "
                     f"pass an existing JSON file or anno_file=None for {self.dataset_dir / self.anno_names[0]}")
             return path.resolve()
@@ -88,7 +92,7 @@ class BaseDataset:
             if (self.dataset_dir / candidate).is_file():
                 return self.dataset_dir / candidate
         expected = self.dataset_dir / self.anno_names[0]
-        raise FileNotFoundError(
+        raise AnnotationNotFound(
             f"{self.name}: annotation file {expected} not found. Put the official {self.name} "
             f"annotation JSON there (a list of records with fields 'id', '{self.path_field}', "
             f"'captions', 'split'"

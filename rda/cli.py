@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Optional
 
+from utils.errors import cli_errors
 from utils.mllm.cli_options import client_options
 
 BACKENDS = ("vllm", "openai", "transformers", "simulated")
@@ -160,6 +161,7 @@ def run_sft(args) -> int:
     return 0
 
 
+@cli_errors("python -m rda")
 def main(argv: Optional[list] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # The openai SDK's HTTP client logs every request at INFO: thousands of lines per stage.

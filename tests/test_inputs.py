@@ -363,3 +363,84 @@ def test_mllm_cache_append_on_a_full_disk_names_the_file(tmp_path, dev_full):
     with pytest.raises(DiskFullError) as exc:
         cache.put_many({"k1": "an answer " * 50})
     assert f"No space left on device writing {cache.path}" in str(exc.value), str(exc.value)
+
+
+# ---------------------------------------------------------------- entry points: one message, exit 2
+def _anno_copy(synth_root, tmp_path, edit):
+    records = json.loads(open(os.path.join(synth_root, "SynthPEDES", "reid_raw.json")).read())
+    edit(records)
+    path = tmp_path / "anno.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def _no_traceback(capsys, *needles):
+    captured = capsys.readouterr()
+    err = captured.err + captured.out
+    assert "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+def test_train_py_zero_byte_image_is_one_message_and_exit_2(synth_root, tiny_clip_path, tmp_path, capsys):
+    import shutil
+
+    import train as train_cli
+
+    root = tmp_path / "data"
+    shutil.copytree(os.path.join(synth_root, "SynthPEDES"), root / "SynthPEDES")
+    records = json.loads((root / "SynthPEDES" / "reid_raw.json").read_text())
+    victim = root / "SynthPEDES" / "imgs" / records[3]["file_path"]
+    victim.write_bytes(b"")
+    code = train_cli.main(["--run-dir", str(tmp_path / "run"), "--no-progress", "dataset_name=SynthPEDES",
+                           f"root_dir={root}", f"pretrain_choice={tiny_clip_path}", "device=cpu",
+                           "img_size=[64,32]", "tse_embed_dim=64", "num_workers=0"])
+    assert code == 2
+    _no_traceback(capsys, "train.py: error:", f"{records[3]['file_path']} (record 3): empty file (0 bytes)")
+
+
+def test_test_py_weights_with_nan_config_is_one_message_and_exit_2(tmp_path, capsys):
+    from test_run_safety import _test_cli
+
+    cfg = tmp_path / "release.yaml"
+    cfg.write_text("temperature: .inf\n")
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x")
+    run = tmp_path / "rde_release"
+    assert _test_cli().main([str(run), "--weights", str(weights), "--config", str(cfg)]) == 2
+    _no_traceback(capsys, "test.py: error:", str(cfg), "'temperature'")
+    assert not run.exists()
+
+
+def test_rda_generate_non_utf8_annotation_is_one_message_and_exit_2(tiny_synth, tmp_path, capsys):
+    import shutil
+
+    from rda.cli import main
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_synth, root / "SynthPEDES")
+    anno = root / "SynthPEDES" / "reid_raw.json"
+    anno.write_bytes(anno.read_bytes().replace(b'"captions": ["', b'"captions": ["\xff', 1))
+    assert main(["generate", "--dataset", "SynthPEDES", "--root", str(root), "--backend", "simulated",
+                 "--limit", "2", "--no-progress"]) == 2
+    _no_traceback(capsys, "python -m rda: error:", f"{anno}: not UTF-8", "0xff")
+
+
+@pytest.mark.parametrize("module", ["thi.cli", "repro.cli"])
+def test_thi_and_repro_print_project_errors_without_traceback(module, monkeypatch, capsys):
+    """Their inputs come from run directories (helper "rundir"): here only the wiring, with an
+    error of this issue's kind raised where they read their inputs."""
+    import importlib
+
+    from utils.io import DiskFullError
+
+    cli = importlib.import_module(module)
+
+    def full(*a, **k):
+        raise DiskFullError(errno.ENOSPC, "No space left on device writing /x/final_similarity.npy: ...")
+    monkeypatch.setattr(cli, "_prepare" if module == "thi.cli" else "make_world", full)
+    argv = ["--run", "r", "--backend", "simulated"] if module == "thi.cli" else ["table1", "--dry-run"]
+    assert cli.main(argv) == 2
+    prog = "python -m thi" if module == "thi.cli" else "python -m repro"
+    _no_traceback(capsys, f"{prog}: error: No space left on device writing /x/final_similarity.npy")

@@ -45,7 +45,9 @@ def cli_errors(prog: str) -> Callable[[F], F]:
             try:
                 return main(*args, **kwargs)
             except user_errors() as err:
-                print(f"{prog}: error: {str(err).strip()}", file=sys.stderr)
+                # An OSError (DiskFullError) would print as "[Errno 28] ...": the message alone.
+                message = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+                print(f"{prog}: error: {message.strip()}", file=sys.stderr)
                 return EXIT_USER_ERROR
 
         return guarded  # type: ignore[return-value]
