@@ -384,20 +384,16 @@ def _no_traceback(capsys, *needles):
 
 
 def test_train_py_zero_byte_image_is_one_message_and_exit_2(synth_root, tiny_clip_path, tmp_path, capsys):
-    import shutil
-
     import train as train_cli
 
-    root = tmp_path / "data"
-    shutil.copytree(os.path.join(synth_root, "SynthPEDES"), root / "SynthPEDES")
-    records = json.loads((root / "SynthPEDES" / "reid_raw.json").read_text())
-    victim = root / "SynthPEDES" / "imgs" / records[3]["file_path"]
-    victim.write_bytes(b"")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    anno = _anno_copy(synth_root, tmp_path, lambda rs: rs[3].__setitem__("file_path", str(empty)))
     code = train_cli.main(["--run-dir", str(tmp_path / "run"), "--no-progress", "dataset_name=SynthPEDES",
-                           f"root_dir={root}", f"pretrain_choice={tiny_clip_path}", "device=cpu",
-                           "img_size=[64,32]", "tse_embed_dim=64", "num_workers=0"])
+                           f"root_dir={synth_root}", f"anno_file={anno}", f"pretrain_choice={tiny_clip_path}",
+                           "device=cpu", "img_size=[64,32]", "tse_embed_dim=64", "num_workers=0"])
     assert code == 2
-    _no_traceback(capsys, "train.py: error:", f"{records[3]['file_path']} (record 3): empty file (0 bytes)")
+    _no_traceback(capsys, "train.py: error:", f"{empty} (record 3): empty file (0 bytes)", anno)
 
 
 def test_test_py_weights_with_nan_config_is_one_message_and_exit_2(tmp_path, capsys):
