@@ -12,8 +12,9 @@ from .engine import BadRequest, NotFound, SearchEngine, Session
 __all__ = ["BadRequest", "NotFound", "SearchEngine", "Session", "create_app"]
 
 
-def create_app(engine: SearchEngine):
-    """The FastAPI application over ``engine`` (imports FastAPI only when called)."""
+def create_app(engine: SearchEngine, **access):
+    """The FastAPI application over ``engine`` (imports FastAPI only when called); ``access``:
+    ``host``, ``token``, ``allow_hosts`` or ``policy`` (see ``server.create_app``)."""
     from .server import create_app as _create
 
-    return _create(engine)
+    return _create(engine, **access)
