@@ -61,13 +61,18 @@ def main(argv: Optional[list] = None) -> int:
     from .launch import serve
     from .loader import build_engine
 
+    from ..cli import check_tuning, tuning_note
     from .access import plan_access
 
     logger = setup_logger("ICL")
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
     policy = plan_access(args.host, args.token, args.allow_host)  # flag errors before loading
+    check_tuning(args)
     engine = build_engine(args)
+    if tuning_note(args):  # --lora / --merged / --no-lora: shown on the page as in THI's table
+        engine.info["mllm_tuning"] = tuning_note(args)
+        logger.info("%s", tuning_note(args))
     logger.info("serving %d gallery images of %s (%s) on http://%s:%d/", engine.num_gallery,
                 engine.info["dataset"], engine.info["gallery_source"], args.host, args.port)
     for note in policy.notes:
