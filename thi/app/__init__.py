@@ -2,8 +2,9 @@
 
 A thin layer over THI's step functions (``thi.pipeline``, ``thi.rerank``, ``thi.scoring``) and
 the run directory: ``engine`` (query kinds, sessions, one THI step per answer), ``attributes``
-(the 15 VQA questions as form fields), ``loader`` (the engine from a run), ``server`` (FastAPI
-routes) and ``page.html``.
+(the 15 VQA questions as form fields), ``loader`` (the engine from a run), ``paths`` (image
+paths against ``--root``), ``access`` (Host, origin, token and body-size checks), ``server``
+(FastAPI routes) and ``page.html``.
 """
 from __future__ import annotations
 
