@@ -323,8 +323,8 @@ class Recording:
 def synth(tmp_path_factory):
     """A small SynthPEDES test split and an imperfect model-free base similarity."""
     from datasets import build_dataset
-    from datasets.synthpedes import generate
-    from thi.synthetic import AttributeSimilarity
+    from offline.synthpedes import generate
+    from offline.synthetic import AttributeSimilarity
 
     root = tmp_path_factory.mktemp("synth")
     generate(root / "SynthPEDES", num_ids=60, images_per_id=4, seed=0)
@@ -512,8 +512,8 @@ def test_state_of_other_settings_is_refused(synth, tmp_path):
 KILL_SCRIPT = r'''
 import json, os, signal, sys
 from thi import run_thi
-from thi.synthetic import AttributeSimilarity
-from utils.mllm.simulated import SimulatedClient
+from offline.synthetic import AttributeSimilarity
+from offline.simulated import SimulatedClient
 
 data_dir, out, cache, log_path, kill_at = sys.argv[1:6]
 
@@ -550,7 +550,7 @@ def test_kill_9_mid_stage_loses_at_most_one_micro_batch(synth, tmp_path):
     import subprocess
     import sys
 
-    from utils.mllm.simulated import SimulatedClient
+    from offline.simulated import SimulatedClient
 
     out, cache = tmp_path / "thi", tmp_path / "cache"
     script = tmp_path / "kill.py"
@@ -622,7 +622,7 @@ class _Garbled:
     while ``broken`` is set; same identity either way (the server was fixed, not changed)."""
 
     def __new__(cls, synth, cache_dir, broken=True, retry_unusable=True):
-        from utils.mllm.simulated import SimulatedClient
+        from offline.simulated import SimulatedClient
 
         class Client(SimulatedClient):
             def _generate(self, requests, temperature, max_tokens):
@@ -674,3 +674,26 @@ def test_empty_caption_is_refused(synth):
     with pytest.raises(ValueError, match=r"1 of \d+ queries have an empty caption \(first: query 3\)"):
         run_thi(synth["sim"], captions, t["img_paths"], ScriptedClient(lambda c, i: True),
                 synth["score"], progress=False)
+
+
+@pytest.mark.parametrize("one_at", ["anchor", "top1"])
+def test_eq6_sets_one_at_the_anchor_or_the_top1(one_at):
+    """Both codebases put S_bar = 1 at the anchor; the paper's Eq. 6 at the query's top-1 image
+    (--eq6-one-at top1). With S_bar = 0 elsewhere, each refined row is lam*S + (1-lam) at one column."""
+    names, sim, captions, script = _case_setup()
+    res = run_thi(sim, captions, IMAGES, ScriptedClient(lambda c, i: script[(c, i)]), _zero_scores(G),
+                  lam=0.8, xi=0.5, rounds=5, progress=False, one_at=one_at)
+    moved = 0
+    for q in range(len(names)):
+        if res.refined[q] is None:
+            np.testing.assert_allclose(res.similarity[q], sim[q], atol=1e-6)
+            continue
+        col = res.anchors[q] if one_at == "anchor" else int(np.argmax(sim[q]))
+        want = 0.8 * sim[q]
+        want[col] += 0.2
+        np.testing.assert_allclose(res.similarity[q], want, atol=1e-6)
+        moved += int(res.anchors[q] != np.argmax(sim[q]))
+    assert moved > 0  # some anchors are not the top-1: the two rules differ on them
+    with pytest.raises(ValueError, match="one_at"):
+        run_thi(sim, captions, IMAGES, ScriptedClient(lambda c, i: script[(c, i)]), _zero_scores(G),
+                progress=False, one_at="top-1")
