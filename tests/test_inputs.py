@@ -230,7 +230,7 @@ def test_rda_state_line_cut_inside_a_utf8_character_is_skipped_and_counted(tmp_p
 
 @pytest.fixture(scope="module")
 def tiny_synth(tmp_path_factory):
-    from datasets.synthpedes import generate
+    from offline.synthpedes import generate
 
     root = tmp_path_factory.mktemp("inputs-data")
     generate(root / "SynthPEDES", num_ids=3, images_per_id=2, seed=1)
