@@ -16,7 +16,8 @@ from utils.mllm.prompts import loc_prompt
 
 from .store import atomic_write_json
 
-import json
+from utils.io import read_json
+from utils.errors import InputFileError
 
 YES, NO = "Yes", "No"
 
@@ -153,13 +154,16 @@ def write_llamafactory_dataset(records: list[dict], out_dir: "str | os.PathLike[
     if relative_images:
         records = [{**r, "images": [os.path.relpath(os.path.abspath(p), out_dir) for p in r["images"]]}
                    for r in records]
-    file_name = f"{name}.json"
-    atomic_write_json(os.path.join(out_dir, file_name), records, indent=1)
     info_path = os.path.join(out_dir, "dataset_info.json")
     info = {}
     if os.path.exists(info_path):
-        with open(info_path, encoding="utf-8") as f:
-            info = json.load(f)
+        info = read_json(info_path, fix="delete it (it is rewritten with this dataset; other datasets "
+                                        "listed in it must then be exported again) or choose another --out")
+        if not isinstance(info, dict):
+            raise InputFileError(f"{info_path}: expected LLaMA-Factory's dataset_info object, got "
+                                 f"{type(info).__name__}; delete it or choose another --out")
+    file_name = f"{name}.json"  # written after dataset_info.json was read: a refusal writes nothing
+    atomic_write_json(os.path.join(out_dir, file_name), records, indent=1)
     info[name] = dataset_info_entry(file_name)
     atomic_write_json(info_path, info, indent=2)
     return os.path.join(out_dir, file_name)

@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Optional
 
+from utils.errors import cli_errors
+
 from .worlds import MiniWorld, RealWorld, Unavailable
 from .figures import FIGURES
 from .jobs import Runner, _fmt
@@ -133,6 +135,7 @@ def _pre_checkpoints(items):
     return out
 
 
+@cli_errors("python -m repro")
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

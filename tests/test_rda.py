@@ -345,7 +345,7 @@ def test_unusable_answers_are_not_kept_and_asked_again(synth, tmp_path):
     assert records == reference
 
 
-def test_cli_client_options(tmp_path):
+def test_cli_client_options(tmp_path, capsys):
     import logging
 
     from rda.cli import build_parser, client_options, main
@@ -364,7 +364,7 @@ def test_cli_client_options(tmp_path):
     with pytest.raises(SystemExit, match="--concurrency"):
         opts("--backend", "openai", "--base-url", "u", "--served-model", "m", "--concurrency", "0")
     # every HTTP request of the openai SDK is not an INFO line
-    with pytest.raises(FileNotFoundError):  # logging is set up first
-        main(["generate", "--dataset", "SynthPEDES", "--root", str(tmp_path), "--backend",
-              "openai"])
+    # logging is set up first; the missing annotation file is one message, exit status 2
+    assert main(["generate", "--dataset", "SynthPEDES", "--root", str(tmp_path), "--backend", "openai"]) == 2
+    assert "python -m rda: error: SynthPEDES: annotation file" in capsys.readouterr().err
     assert logging.getLogger("httpx").getEffectiveLevel() >= logging.WARNING
