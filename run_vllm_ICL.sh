@@ -20,9 +20,10 @@ set -euo pipefail
 # ---- settings (edit here or pass flags) -------------------------------------------------------
 SOURCE=${SOURCE:-CUHK-PEDES}        # training set of the run (names the default run directory)
 TARGET=${TARGET:-}                  # evaluation set; empty = SOURCE (cross-domain when different)
-XI=${XI:-}                          # empty = 0.5, or 0.55 when TARGET is ICFG-PEDES
-LAM=${LAM:-0.8}
-ROUNDS=${ROUNDS:-5}
+# empty = THI's own defaults (thi/defaults.py): xi 0.5 (0.55 for ICFG-PEDES), lambda 0.8, K 5
+XI=${XI:-}
+LAM=${LAM:-}
+ROUNDS=${ROUNDS:-}
 RUN_DIR=${RUN_DIR:-}                # empty = runs/ICL_${SOURCE}_n0.0 (what run_rde.sh writes)
 MLLM=${MLLM:-pretrained/Qwen2-VL-7B-Instruct}
 LORA=${LORA:-}                      # LoRA adapter dir for vLLM; empty = a merged model in MLLM
@@ -61,9 +62,6 @@ done
 
 TARGET=${TARGET:-$SOURCE}
 RUN_DIR=${RUN_DIR:-runs/ICL_${SOURCE}_n0.0}
-if [ -z "$XI" ]; then
-  if [ "$TARGET" = "ICFG-PEDES" ]; then XI=0.55; else XI=0.5; fi
-fi
 if [ -z "$BACKEND" ]; then
   if [ -n "$SERVER" ]; then BACKEND=openai; else BACKEND=vllm; fi
 fi
@@ -80,8 +78,10 @@ if [ ! -f "$RUN_DIR/eval/$TARGET/gallery_feats.npz" ]; then
   $PY test.py "$RUN_DIR" --dataset "$TARGET" --root "$ROOT" --device "$DEVICE"
 fi
 
-ARGS=(--run "$RUN_DIR" --target "$TARGET" --root "$ROOT" --backend "$BACKEND"
-      --lam "$LAM" --xi "$XI" --rounds "$ROUNDS" --device "$DEVICE")
+ARGS=(--run "$RUN_DIR" --target "$TARGET" --root "$ROOT" --backend "$BACKEND" --device "$DEVICE")
+if [ -n "$LAM" ]; then ARGS+=(--lam "$LAM"); fi
+if [ -n "$XI" ]; then ARGS+=(--xi "$XI"); fi
+if [ -n "$ROUNDS" ]; then ARGS+=(--rounds "$ROUNDS"); fi
 case "$BACKEND" in
   vllm)
     ARGS+=(--model "$MLLM" --tensor-parallel-size "$TP")
@@ -97,5 +97,5 @@ case "$BACKEND" in
   *) echo "unknown backend $BACKEND (vllm, openai, transformers, simulated)" >&2; exit 2 ;;
 esac
 
-echo "== THI $SOURCE -> $TARGET: lambda=$LAM xi=$XI K=$ROUNDS backend=$BACKEND GPUs=$GPUS"
+echo "== THI $SOURCE -> $TARGET: lambda=${LAM:-default} xi=${XI:-default} K=${ROUNDS:-default} backend=$BACKEND GPUs=$GPUS"
 $PY -m thi "${ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}

@@ -26,7 +26,10 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..pipeline import ask_one, loc_request, refine_query
+from utils.mllm.stages import loc_request
+
+from ..defaults import LAMBDA
+from ..pipeline import ask_one, refine_query
 from ..rerank import check_lambda, rerank_rows
 from .attributes import attributes_to_text
 
@@ -141,7 +144,7 @@ class SearchEngine:
 
     def __init__(self, image_paths: Sequence[str], score_texts: Callable, *,
                  score_images: Optional[Callable] = None, client=None, g_pids=None,
-                 examples: Optional[Sequence] = None, lam: float = 0.8,
+                 examples: Optional[Sequence] = None, lam: float = LAMBDA,
                  default_image_weight: float = 0.5, top_k: int = 20, max_sessions: int = 64,
                  temperature: float = 0.01, max_tokens: int = 512, info: Optional[dict] = None):
         self.image_paths = [str(p) for p in image_paths]
