@@ -94,12 +94,14 @@ CASES = {
 def _case_setup():
     names = list(CASES)
     sim = np.stack([_row(CASES[n][0], CASES[n][1]) for n in names])
-    captions = [f"caption {n}" for n in names]
+    # English captions: the scripted aggregation answer "refined <caption>" must read as English
+    # to be usable (the stage runner's one aggregation rule).
+    captions = [f"the person in case {i}" for i in range(len(names))]
     script = {}
-    for n in names:
+    for n, caption in zip(names, captions):
         order, _, answers, _, _ = CASES[n]
         for rank, ans in enumerate(answers):
-            script[(f"caption {n}", IMAGES[order[rank]])] = ans
+            script[(caption, IMAGES[order[rank]])] = ans
     return names, sim, captions, script
 
 
