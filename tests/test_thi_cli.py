@@ -207,3 +207,14 @@ def test_run_vllm_icl_script_writes_the_backends_own_folder(run_dir, synth_root)
     assert f"THI results in {out}" in proc.stdout
     assert os.path.isfile(os.path.join(out, "final_similarity.npy"))
     assert not os.path.exists(os.path.join(run_dir, "thi", "SynthPEDES", "state.json"))
+
+
+def test_changed_settings_are_one_message_and_exit_2(run_dir, synth_root, capsys):
+    """Issue 28 #12. Before: a folder of a run with another xi was refused with a traceback."""
+    out = os.path.join(run_dir, "thi_refusal")
+    assert main(_args(run_dir, synth_root, "--rounds", "1", "--xi", "0.68", "--out", out)) == 0
+    capsys.readouterr()
+    assert main(_args(run_dir, synth_root, "--rounds", "1", "--xi", "0.5", "--out", out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m thi: error: ") and "Traceback" not in err
+    assert "xi: saved 0.68, now 0.5" in err and f"rm -r {out}" in err
