@@ -1,7 +1,8 @@
 """The search engine behind the page: query kinds, sessions, one THI step per answer.
 
 No web code here. A session holds one query's base similarity over the gallery and its
-interaction so far. One answer is one THI step (``thi.pipeline``'s requests and parsers, Eq. 6
+interaction so far. One answer is one THI step (``thi.pipeline``'s step functions over the MLLM
+stage runner, ``utils.mllm.stages``: the same requests and answer rules as THI and RDA; Eq. 6
 from ``thi.rerank``):
 
 * "this is the one" (the person, or the MLLM's anchor localization on request) makes the image
@@ -26,6 +27,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from utils.mllm.parsing import parse_yes_no
 from utils.mllm.stages import loc_request
 
 from ..defaults import LAMBDA
@@ -262,8 +264,6 @@ class SearchEngine:
         raise BadRequest("every gallery image has been judged")
 
     def _ask_localization(self, session: Session, g: int, step: dict) -> str:
-        from utils.mllm.parsing import parse_yes_no
-
         if self.client is None:
             raise BadRequest("this server has no MLLM (start it with --backend); answer yourself")
         if not session.current_text:
