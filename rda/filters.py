@@ -1,6 +1,7 @@
 """Filters for RDA's text pieces (sub-sentences and rewrites): drop empty, duplicated,
 uninformative ("not visible", "cannot be determined") and gibberish pieces, and tidy the rest;
-and the tests of whole answers (:func:`looks_like_vqa_reply`, :func:`looks_like_sentences`).
+and, re-exported from ``utils.mllm.parsing`` (where the stage runner's answer rules use them),
+the tests of whole answers (:func:`looks_like_vqa_reply`, :func:`looks_like_sentences`).
 
 Gibberish: a broken or random model (or a server answering something else) returns text that
 parses as lines but is no English: letter salad, token soup, markup. A piece is kept only when
@@ -19,8 +20,9 @@ from dataclasses import dataclass
 from utils.mllm.parsing import (COMMON_WORDS, looks_like_english, looks_like_sentences,
                                 looks_like_vqa_reply)
 
-__all__ = ["COMMON_WORDS", "FilterCounts", "clean_pieces", "is_uninformative", "looks_like_english",
-           "looks_like_sentences", "looks_like_vqa_reply", "normalize", "split_sentences", "tidy"]
+__all__ = ["COMMON_WORDS", "FilterCounts", "clean_pieces", "is_uninformative",
+           "looks_like_english", "looks_like_sentences", "looks_like_vqa_reply", "normalize",
+           "split_sentences", "tidy"]
 
 # Pieces that only say an attribute could not be seen carry no information for training, and an
 # "unknown shoes" sub-sentence would teach the text encoder a false attribute.

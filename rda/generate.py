@@ -21,9 +21,10 @@ uninterrupted one.
 
 Requests, answer rules, counts and the "mostly unusable" banner are the MLLM client's stage runner
 (``utils.mllm.stages``), shared with THI and the search page. Unusable answers (empty,
-unparseable, or not looking like a VQA reply, a sentence or a sentence set) are counted in ``parse_failures``, never become ``diversity_captions`` (the
-caption falls back to its own sentences), are not kept, and are asked again by the next run; a
-stage with mostly unusable answers is a loud warning in the log and in the summary.
+unparseable, or not looking like a VQA reply, a sentence or a sentence set) are counted in
+``parse_failures``, never become ``diversity_captions`` (the caption falls back to its own
+sentences), are not kept, and are asked again by the next run; a stage with mostly unusable
+answers is a loud warning in the log and in the summary.
 """
 from __future__ import annotations
 
@@ -386,7 +387,9 @@ def run_rda(records: list[dict], client, *, image_root: "str | os.PathLike[str]"
     augmented = gen.run(pairs)
     gen.summary.records_augmented = len(chosen)
     gen.summary.limit = limit
-    gen.summary.cache_skipped_lines = int(getattr(client, "stats", {}).get("cache_skipped_lines", 0))
+    stats = getattr(client, "stats", None)
+    gen.summary.cache_skipped_lines = int(stats.get("cache_skipped_lines", 0)
+                                          if isinstance(stats, dict) else 0)
 
     chosen_set = set(chosen)
     out = []
