@@ -228,6 +228,21 @@ MUTATIONS: list[Mutation] = [
       "captions = permute_captions([item[3] for item in train], index)",
       "captions = [item[3] for item in train]", ("tests/test_loaders.py",),
       "training data clean although noise is reported"),
+    # ---------------------------------------------------------------- the search page (issue 27)
+    M("app-pixels-checked-after-decode", "thi/app/server.py", "        width, height = image.size\n",
+      "        width, height = image.size\n        image.load()\n",
+      ("tests/test_app.py::test_a_pixel_bomb_is_refused_from_its_header_before_decoding",),
+      "a one-colour PNG of 13000x13000 is decoded (about 2 GB per request) before it is refused"),
+    M("app-referer-unchecked", "thi/app/access.py", 'for name in ("origin", "referer"):',
+      'for name in ("origin",):', ("tests/test_app.py::test_only_our_host_and_same_origin_posts_are_served",),
+      "a cross-site form post without Origin drives the API"),
+    M("app-token-missing-accepted", "thi/app/access.py", "if given is None or not secrets",
+      "if given is not None and not secrets",
+      ("tests/test_app.py::test_beyond_loopback_a_token_is_required_and_paths_are_relative",),
+      "a server bound to 0.0.0.0 answers anyone without its token"),
+    M("app-history-unbounded", "thi/app/server.py", "session.rounds[-HISTORY_SHOWN:]", "session.rounds",
+      ("tests/test_app.py::test_rounds_per_session_and_the_history_a_response_carries_are_bounded",),
+      "every response carries the whole history: latency grows with each answer"),
 ]
 
 

@@ -20,7 +20,7 @@ M = 3  # rewrites per sub-sentence
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     """A small SynthPEDES (10 identities x 3 images x 2 captions) and its annotation records."""
-    from datasets.synthpedes import generate
+    from offline.synthpedes import generate
 
     root = tmp_path_factory.mktemp("rda-data")
     generate(root / "SynthPEDES", num_ids=10, images_per_id=3, seed=1)
@@ -321,7 +321,7 @@ def test_gibberish_never_becomes_diversity_captions(synth, tmp_path):
 def test_unusable_answers_are_not_kept_and_asked_again(synth, tmp_path):
     """Before: empty answers were logged as answers; after the server was fixed, the rerun sent
     0 requests and kept the fallback captions."""
-    from utils.mllm.simulated import SimulatedClient
+    from offline.simulated import SimulatedClient
 
     class Flaky(SimulatedClient):
         broken = True
