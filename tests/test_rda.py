@@ -267,6 +267,24 @@ def test_cli_generate(synth, tmp_path):
     assert (root / "SynthPEDES" / "reid_raw.rda.state" / "mllm_cache").exists()
 
 
+def test_cli_refuses_changed_settings_as_one_message(synth, tmp_path, capsys):
+    """Issue 28 #12: resuming with another temperature is one message and exit 2, no traceback."""
+    import shutil
+
+    from rda.cli import main
+
+    root = tmp_path / "data"
+    shutil.copytree(synth["dir"], root / "SynthPEDES")
+    argv = ["generate", "--dataset", "SynthPEDES", "--root", str(root), "--backend", "simulated",
+            "--limit", "2", "--no-progress"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv + ["--temperature", "0.7"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m rda: error: ") and "Traceback" not in err
+    assert "temperature" in err and "reid_raw.rda.state" in err
+
+
 GIBBERISH = ["xq zvbn wkrt plmq\nfjdk slq trw", "ĠĠ<|image_pad|>Ċ!!?? ## ĊĊ",
              "Lorem ipsum dolor sit amet consectetur adipiscing",
              "1. qwx brrk\n2. zzkt vbn\n3. prrt sklm vvx"]

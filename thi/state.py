@@ -24,14 +24,15 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from utils.errors import ProjectError
 from utils.io import atomic_save_npy, atomic_write_json
 
 STATE_FILE = "state.json"
 
 
-class SettingsChanged(ValueError):
+class SettingsChanged(ProjectError, ValueError):
     """A THI results folder written with other inputs, settings or MLLM than this run's: a
-    refusal whose message lists each difference and what to do (printed without a traceback)."""
+    refusal whose message lists each difference and what to do (entry points print it alone)."""
 
 STAGES = ("loc", "vqa", "aggr", "rerank")
 STATE_VERSION = 1
