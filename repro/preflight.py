@@ -222,8 +222,8 @@ def check_pre(pre: Optional[dict | str], dataset: str) -> Row:
 
     label = f"+pre checkpoint {dataset}"
     expected = f"{PRE_CHECKPOINT_FILES.get(dataset, '?')} of MLLM4Text-ReID, ViT-B/16 CLIP"
-    fix = (f"pass --pre-checkpoint DIR holding {PRE_SOURCE} best0/1/2.pth (converted to {{'model': state_dict}}, "
-           "docs/REPRODUCE.md); without it group 2's rows are not run")
+    fix = (f"pass --pre-checkpoint DIR holding {PRE_SOURCE} best0/1/2.pth (docs/REPRODUCE.md says "
+           "which file each dataset uses); without it group 2's rows are not run")
     from .worlds import RealWorld
 
     # The real runs' own choice of file (RealWorld.pre_checkpoint_for), not a copy of it.
@@ -440,15 +440,18 @@ def main(argv: Optional[list] = None) -> int:
     from .cli import build_parser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    tables = []
-    while argv and not argv[0].startswith("-"):
-        tables.append(argv.pop(0))
     clip = "pretrained/ViT-B-16.pt"
     if "--clip" in argv:
         i = argv.index("--clip")
         clip = argv[i + 1]
         del argv[i:i + 2]
-    args = build_parser().parse_args(["all", *argv])
+    parser = build_parser()
+    # The tables may stand anywhere among the real runs' options (they are the extra positionals).
+    args, rest = parser.parse_known_args(["all", *argv])
+    tables = [a for a in rest if not a.startswith("-")]
+    unknown = [a for a in rest if a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.clip = clip
     if args.world != "real":
         raise SystemExit("preflight checks the real world's inputs: pass --world real")

@@ -79,9 +79,11 @@ def patched(world, monkeypatch):
 
 
 def _argv(w, *extra, rda=True):
-    return ["table1", "rde_noise", "--world", "real", "--datasets", "CUHK-PEDES", "--root", str(w["base"] / "data"),
+    """The issue's form: ``--world real`` and the path options, then the tables."""
+    return ["--world", "real", "--datasets", "CUHK-PEDES", "--root", str(w["base"] / "data"),
             "--clip", w["clip"], "--noise-dir", w["noise"], "--pre-checkpoint", w["pre"], "--mllm", w["mllm"],
-            "--lora", w["lora"], "--gpus", "2", *(["--rda-file", f"CUHK-PEDES={w['rda']}"] if rda else []), *extra]
+            "--lora", w["lora"], "--gpus", "2", *(["--rda-file", f"CUHK-PEDES={w['rda']}"] if rda else []), *extra,
+            "table1", "rde_noise"]
 
 
 def _run(w, monkeypatch, capsys, *extra, gpus=(RTX3090, RTX3090), rda=True):
@@ -94,7 +96,7 @@ def _run(w, monkeypatch, capsys, *extra, gpus=(RTX3090, RTX3090), rda=True):
 def _rows(w, monkeypatch, gpus=(RTX3090, RTX3090), **kw):
     from repro.cli import build_parser
 
-    argv = _argv(w)[2:]
+    argv = _argv(w)[:-2]
     args = build_parser().parse_args(["all", *[a for a in argv if a not in ("--clip", w["clip"])]])
     args.clip = w["clip"]
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -248,6 +250,11 @@ def test_preflight_is_reached_from_python_m_repro_and_never_runs_a_job(patched, 
     monkeypatch.setattr(jobs.Runner, "run", lambda *a, **k: pytest.fail("preflight started a job"))
     assert cli.main(["preflight", *_argv(patched)]) == 0
     assert "every needed input" in capsys.readouterr().out
+    # Tables first works too; an unknown flag is an error, not a silently ignored input.
+    argv = _argv(patched)
+    assert cli.main(["preflight", *argv[-2:], *argv[:-2]]) == 0
+    with pytest.raises(SystemExit):
+        cli.main(["preflight", *argv, "--no-such-flag"])
 
 
 def test_real_constants_are_the_published_ones():
