@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Optional
 
+from utils.errors import cli_errors
+
 SUBCOMMANDS = ("table1", "table2", "table34", "table5", "table6", "rde_noise",
                "fig3", "fig5", "fig6", "fig7")
 # The real world's plan also holds the step that makes THI's tuned MLLM (first: THI needs it).
@@ -130,6 +132,7 @@ def _pre_checkpoints(items):
     return out
 
 
+@cli_errors("python -m repro")
 def main(argv: Optional[list] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["preflight"]:  # checks the inputs only (repro/preflight.py); starts no job
