@@ -100,7 +100,7 @@ def write_rda_file(benchmark: dict, path: str | os.PathLike, seed: int = 0) -> s
 
 def write_vit_b16(path: str | os.PathLike) -> str:
     """A random ViT-B/16 in OpenAI's format (TorchScript archive, fp16 tensors, ~300 MB)."""
-    from model.tiny_clip import write_random_clip
+    from offline.tiny_clip import write_random_clip
 
     write_random_clip(path, torchscript=True, half=True, **VIT_B16)
     return str(path)

@@ -44,7 +44,7 @@ def vit_b16(tmp_path_factory):
 @pytest.fixture(scope="module")
 def synth_small(tmp_path_factory):
     """Captions, attributes and source pictures: 10 identities, 1 image each (4 train, 2 val, 4 test)."""
-    from datasets.synthpedes import generate
+    from offline.synthpedes import generate
 
     root = tmp_path_factory.mktemp("synth_small")
     return str(generate(root / "SynthPEDES", num_ids=10, images_per_id=1, captions_per_image=2,

@@ -22,7 +22,7 @@ RTX3090 = ("NVIDIA GeForce RTX 3090", 24 * GiB)
 def world(tmp_path_factory, tiny_clip_path):
     """A complete real-world input set for `table1 rde_noise` on CUHK-PEDES (small stand-ins whose
     identities the test declares: sizes, sha256s and CLIP shapes are patched per test)."""
-    from datasets.synthpedes import generate
+    from offline.synthpedes import generate
 
     base = tmp_path_factory.mktemp("preflight")
     synth = generate(base / "synth" / "SynthPEDES", num_ids=8, images_per_id=1, captions_per_image=2,
