@@ -182,6 +182,17 @@ MUTATIONS: list[Mutation] = [
       "question = VQA_QUESTIONS[number - 1] if 1 <= number <= len(VQA_QUESTIONS) else None",
       "question = VQA_QUESTIONS[number] if 0 <= number < len(VQA_QUESTIONS) else None",
       ("tests/test_mllm_parsing.py",), "answers cleaned against the wrong question"),
+    # ---------------------------------------------------------------- MLLM stage runner
+    M("stage-vqa-gibberish-usable", "utils/mllm/stages.py",
+      "return looks_like_vqa_reply(parse_vqa(answer))", "return bool(parse_vqa(answer))",
+      ("tests/test_mllm_core.py",), "letter salad from a broken server becomes THI's refined query"),
+    M("stage-cached-counted-as-fresh", "utils/mllm/stages.py",
+      "counts.cached += len(chunk) - fresh", "counts.cached += fresh",
+      ("tests/test_mllm_core.py",), "cache hits reported as model calls"),
+    M("rda-vqa-keyed-by-path", "rda/generate.py",
+      "return {rel: image_digest(self._image_path(rel)) for rel in images}",
+      "return {rel: rel for rel in images}",
+      ("tests/test_rda.py",), "changed images reuse answers about the old pixels"),
     # ---------------------------------------------------------------- tokenizer
     M("tokenizer-truncation-drops-eot", "utils/tokenizer.py", "tokens = tokens[: text_length - 1] + [EOT_ID]",
       "tokens = tokens[:text_length]", ("tests/test_tokenizer.py",), "long captions lose EOT: features read at a word"),
