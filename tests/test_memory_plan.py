@@ -49,7 +49,7 @@ def test_autocast_saves_half_size_activations_and_weight_copies():
     for b in (1, 2, 3):
         x = torch.randn(b, 3)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            values.append(saved_bytes(lambda: model(x).float().sum(), model.parameters()))
+            values.append(saved_bytes(lambda x=x: model(x).float().sum(), model.parameters()))
     fixed, per = fit_line((1, 2, 3), values)
     assert (fixed, per) == pytest.approx((2 * 10, 2 * (3 + 5)))
 
