@@ -236,6 +236,17 @@ MUTATIONS: list[Mutation] = [
       "captions = permute_captions([item[3] for item in train], index)",
       "captions = [item[3] for item in train]", ("tests/test_loaders.py",),
       "training data clean although noise is reported"),
+    # ---------------------------------------------------------------- memory plan, preflight
+    M("memory-adam-one-moment", "processor/memory.py", "return ModelState(weights=weights, gradients=weights, adam=2 * weights,",
+      "return ModelState(weights=weights, gradients=weights, adam=weights,", ("tests/test_memory_plan.py",),
+      "the plan counts one Adam moment: a GPU that looks big enough runs out of memory"),
+    M("memory-saved-counted-per-tensor", "processor/memory.py", "seen[ptr] = max(seen.get(ptr, 0), nbytes)",
+      "seen[ptr] = seen.get(ptr, 0) + nbytes", ("tests/test_memory_plan.py",),
+      "a storage saved twice is counted twice: activations overestimated"),
+    M("preflight-clip-hash-ignored", "repro/preflight.py", "    if got != CLIP_SHA256:", "    if False:",
+      ("tests/test_preflight.py",), "a truncated or wrong CLIP download passes preflight"),
+    M("preflight-split-sizes-ignored", "repro/preflight.py", "        ok = tuple(got) == tuple(want)",
+      "        ok = True", ("tests/test_preflight.py",), "an annotation with other splits passes preflight"),
     # ---------------------------------------------------------------- the search page (issue 27)
     M("app-pixels-checked-after-decode", "thi/app/server.py", "        width, height = image.size\n",
       "        width, height = image.size\n        image.load()\n",
