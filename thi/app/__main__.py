@@ -20,13 +20,13 @@ import argparse
 import sys
 from typing import Optional
 
-from ..cli import BACKENDS, _common
+from ..defaults import LAMBDA
+
+from ..cli import BACKENDS, _common, check_tuning, tuning_note
 from utils.logger import setup_logger
 from . import create_app
 from .launch import serve
 from .loader import build_engine
-
-from ..cli import check_tuning, tuning_note
 from .access import plan_access
 
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
             action.default = 100
             action.help = ("answers per search session (then a new search starts over; "
                            "default 100)")
-    ap.add_argument("--lam", type=float, default=0.8, help="Eq. 6's lambda (paper: 0.8)")
+    ap.add_argument("--lam", type=float, default=LAMBDA, help=f"Eq. 6's lambda (paper: {LAMBDA})")
     ap.add_argument("--image-weight", type=float, default=0.5,
                     help="default weight of the image similarity for text + image queries")
     ap.add_argument("--top-k", type=int, default=20, help="results shown per page")
