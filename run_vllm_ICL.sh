@@ -11,7 +11,7 @@
 #   bash run_vllm_ICL.sh ... --simulated                     # SynthPEDES, no GPU, no model
 #   bash run_vllm_ICL.sh ... -- --rounds 3 --out results/x   # anything after -- goes to python -m thi
 #
-# Results go to RUN/thi/TARGET/LABEL/, LABEL naming the backend and model (vllm-<model>[+<lora>],
+# Results go to RUN/thi/TARGET/best/LABEL/, LABEL naming the backend and model (vllm-<model>[+<lora>],
 # openai-<served model>, simulated): runs of different MLLMs never share a folder.
 #
 # Every setting below can also be given as an environment variable of the same name.
@@ -74,10 +74,10 @@ export CUDA_VISIBLE_DEVICES=$GPUS
 TP=$(awk -F, '{print NF}' <<< "$GPUS")
 [ "$TP" -ge 1 ] || TP=1
 
-# The base similarity, ids and gallery features THI reads.
-if [ ! -f "$RUN_DIR/eval/$TARGET/gallery_feats.npz" ]; then
+# The base similarity, ids and gallery features THI reads (best.pth's evaluation, current).
+if ! $PY -m utils.run_dir eval-ready "$RUN_DIR" "$TARGET"; then
   echo "== evaluating $RUN_DIR on $TARGET (source $SOURCE)"
-  $PY test.py "$RUN_DIR" --dataset "$TARGET" --root "$ROOT" --device "$DEVICE"
+  $PY test.py "$RUN_DIR" --dataset "$TARGET" --root "$ROOT" --device "$DEVICE" --checkpoint best.pth
 fi
 
 ARGS=(--run "$RUN_DIR" --target "$TARGET" --root "$ROOT" --backend "$BACKEND"

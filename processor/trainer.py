@@ -2,6 +2,7 @@
 evaluation, best/last checkpoints with exact resume."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -19,11 +20,11 @@ from processor import distributed as D
 from processor.ccd import consensus, gmm_params, split_clean
 from processor.evaluate import evaluate
 from solver import build_optimizer, build_scheduler
-from utils.config import Config, save_config
+from utils.config import Config
 from utils.device import autocast, resolve_amp, resolve_device
-from utils.io import atomic_save_npz, atomic_torch_save, atomic_write_json, torch_load
+from utils import run_dir as rd
+from utils.io import atomic_torch_save, torch_load
 from utils.logger import setup_logger
-from utils.run_dir import start_train_run
 
 
 def set_seed(seed: int) -> None:
@@ -138,7 +139,7 @@ def ccd_weights(cfg, model, loaders, device, amp, epoch, rank, world, run_dir, l
                   "loss_bge": la.astype(np.float32), "loss_tse": lb.astype(np.float32)}
         if noisy is not None:
             arrays["noisy_mask"] = np.asarray(noisy).astype(np.int8)
-        atomic_save_npz(os.path.join(run_dir, "ccd", f"epoch_{epoch}.npz"), **arrays)
+        rd.write_ccd(run_dir, epoch, arrays)
     return torch.from_numpy(weights), extra
 
 
@@ -153,8 +154,7 @@ def train(cfg: Config, run_dir: str | None = None, *, progress: bool = True,
     ``run_dir`` defaults to ``<output_dir>/<name>``; with ``resume: true`` a run continues from
     ``last.pth`` exactly where it stopped. ``stop_after_epoch`` ends early (tests, debugging).
     """
-    from datasets import build_dataloader  # here: datasets/ knows nothing of the model
-    from datasets.rda_file import require_rda_file
+    from datasets.rda_file import require_rda_file  # here: datasets/ knows nothing of the model
 
     device = resolve_device(cfg.device)
     rank, world = D.init_distributed(device)
@@ -168,11 +168,22 @@ def train(cfg: Config, run_dir: str | None = None, *, progress: bool = True,
     rda_file = require_rda_file(cfg)
     if rda_file is not None:
         cfg.anno_file = rda_file
-    run_dir = run_dir or os.path.join(cfg.output_dir, cfg.name)
-    notes = start_train_run(cfg, run_dir, rank)  # refuses before anything is written
+    run_dir = run_dir or rd.default_run_dir(cfg)
+    # One training per folder: a second one into the same name is refused at once (the lock dies
+    # with its process, so a crashed run never blocks its resume).
+    with rd.folder_lock(run_dir, "training") if rank == 0 else contextlib.nullcontext():
+        return _train_locked(cfg, run_dir, device, rank, world, amp, progress, stop_after_epoch)
+
+
+def _train_locked(cfg: Config, run_dir: str, device, rank: int, world: int, amp, progress: bool,
+                  stop_after_epoch: int | None) -> dict:
+    """``train`` once the run folder is locked."""
+    from datasets import build_dataloader  # here: datasets/ knows nothing of the model
+
+    notes = rd.start_train_run(cfg, run_dir, rank)  # refuses before anything is written
     D.barrier()  # every rank checked before rank 0 writes config.yaml
     os.makedirs(run_dir, exist_ok=True)
-    logger = setup_logger("ICL", os.path.join(run_dir, "train.log"), rank)
+    logger = setup_logger("ICL", rd.log_path(run_dir, "train"), rank)
     for note in notes:
         logger.info(note)
     set_seed(cfg.seed + rank)
@@ -180,7 +191,7 @@ def train(cfg: Config, run_dir: str | None = None, *, progress: bool = True,
     loaders = build_dataloader(cfg)
     model = build_model(cfg)
     if rank == 0:
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+        rd.save_run_config(run_dir, cfg)
         logger.info("config:\n" + json.dumps(dict(cfg), indent=1, default=str))
         logger.info("\n" + loaders.dataset.summary() if hasattr(loaders.dataset, "summary") else "")
     model.to(device)
@@ -200,7 +211,7 @@ def train(cfg: Config, run_dir: str | None = None, *, progress: bool = True,
 
     history = History()
     start_epoch = 1
-    last_path = os.path.join(run_dir, "last.pth")
+    last_path = rd.checkpoint_path(run_dir, rd.LAST)
     if cfg.resume and os.path.isfile(last_path):
         ckpt = torch_load(last_path, weights_only=False)
         model.load_state_dict(ckpt["model"])
@@ -217,7 +228,7 @@ def train(cfg: Config, run_dir: str | None = None, *, progress: bool = True,
         from torch.utils.tensorboard import SummaryWriter
         # One stream per run: a resume writes to the same folder and purges the steps it redoes
         # (an epoch logged before a kill but not checkpointed would otherwise appear twice).
-        tb = SummaryWriter(log_dir=os.path.join(run_dir, "tb"), purge_step=start_epoch)
+        tb = SummaryWriter(log_dir=rd.tb_dir(run_dir), purge_step=start_epoch)
 
     for epoch in range(start_epoch, cfg.num_epoch + 1):
         t0 = time.time()
@@ -272,7 +283,7 @@ def train(cfg: Config, run_dir: str | None = None, *, progress: bool = True,
             r1 = results["t2i"]["R1"]
             if r1 > history.best_r1:
                 history.best_r1, history.best_epoch = r1, epoch
-                save_checkpoint(os.path.join(run_dir, "best.pth"), net, epoch, metrics=results)
+                save_checkpoint(rd.checkpoint_path(run_dir, rd.BEST), net, epoch, metrics=results)
             if tb is not None:
                 for k, v in results["t2i"].items():
                     tb.add_scalar(f"eval/{k}", v, epoch)
@@ -290,16 +301,15 @@ def train(cfg: Config, run_dir: str | None = None, *, progress: bool = True,
                 "model": _unwrap(net).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                 "history": history.__dict__, "rng": rngs})
-            atomic_write_json(os.path.join(run_dir, "metrics.json"),
-                              {"best_epoch": history.best_epoch, "best_R1": history.best_r1,
-                               "epochs": history.epochs})
+            rd.write_metrics(run_dir, {"best_epoch": history.best_epoch, "best_R1": history.best_r1,
+                                       "epochs": history.epochs})
         D.barrier()
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
 
     if rank == 0:
         logger.info(f"best R1 {history.best_r1:.2f} at epoch {history.best_epoch}; run directory {run_dir}")
-        if cfg.save_eval and history.best_epoch > 0 and os.path.isfile(os.path.join(run_dir, "best.pth")):
+        if cfg.save_eval and history.best_epoch > 0 and os.path.isfile(rd.checkpoint_path(run_dir, rd.BEST)):
             from processor.evaluate import evaluate_run
             evaluate_run(run_dir, device=str(device), progress=progress)
     if tb is not None:

@@ -120,8 +120,8 @@ def _pick_query(server, run_dir):
     """A test query whose target is not first but has an image in the top 20 (via the API)."""
     import httpx
 
-    captions = json.load(open(os.path.join(run_dir, "eval", "SynthPEDES", "captions.json")))
-    q_pids = np.load(os.path.join(run_dir, "eval", "SynthPEDES", "q_pids.npy"))
+    captions = json.load(open(os.path.join(run_dir, "eval", "SynthPEDES", "best", "captions.json")))
+    q_pids = np.load(os.path.join(run_dir, "eval", "SynthPEDES", "best", "q_pids.npy"))
     for q in range(len(captions)):
         d = httpx.post(server + "/api/search", data={"kind": "text", "text": captions[q],
                                                      "target_pid": str(int(q_pids[q]))}).json()
@@ -180,7 +180,7 @@ def test_type_confirm_and_see_the_target_move_up(page, server, trained_run):
 def test_every_query_kind_in_the_page(page, trained_run):
     from thi.app.attributes import attributes_to_text
 
-    image_paths = json.load(open(os.path.join(trained_run, "eval", "SynthPEDES",
+    image_paths = json.load(open(os.path.join(trained_run, "eval", "SynthPEDES", "best",
                                               "image_paths.json")))
     page.check("#kind-attributes")
     assert page.is_visible("#attr-gender") and not page.is_visible("#text")

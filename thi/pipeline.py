@@ -18,6 +18,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from utils import run_dir as rd
+
 from . import gating, report
 from .rerank import check_lambda, rerank_rows
 from .state import THIState, fingerprint, load_similarity, load_state, save_state
@@ -374,7 +376,7 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
             score_texts: Callable[[list], "np.ndarray"], *, lam: float = 0.8, xi: float = 0.5,
             rounds: int = 5, q_pids=None, g_pids=None, out_dir: Optional[str] = None,
             temperature: float = 0.01, max_tokens: int = 2048, progress: bool = True,
-            ask: str = "needed") -> THIResult:
+            ask: str = "needed", checkpoint: Optional[dict] = None) -> THIResult:
     """Run THI (Algorithm 1 + Eq. 6) and return the re-ranked similarity, anchors and texts.
 
     ``similarity``: base [Q, G] (tensor or array); ``captions``: the Q queries;
@@ -383,7 +385,9 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
     model's similarity of new query texts to the gallery. ``q_pids``/``g_pids`` enable
     per-round metrics. ``out_dir`` enables outputs and resuming. ``progress``: progress bar and
     log on the console. ``ask`` picks which queries are asked the localization question
-    (``gating.ASK_SCHEMES``; all give the same anchors).
+    (``gating.ASK_SCHEMES``; all give the same anchors). ``checkpoint``: the model's identity
+    (``utils.run_dir.checkpoint_identity``), part of the fingerprint: another checkpoint never
+    gets this folder's results.
     """
     from contextlib import nullcontext
 
@@ -411,7 +415,7 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
     # The MLLM's identity belongs to the results: another model never gets this folder's results.
     fp = fingerprint(sim_base, captions, image_paths, lam=lam, xi=xi, rounds=rounds, ask=ask,
                      temperature=float(temperature), max_tokens=int(max_tokens),
-                     mllm=identity_info(client))
+                     mllm=identity_info(client), **({"checkpoint": checkpoint} if checkpoint else {}))
     state = None
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
@@ -428,7 +432,7 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
             logger.info("%s holds a finished THI run; returning its results", out_dir)
         else:
             logger.info("resuming %s at round %d, stage %s", out_dir, state.round + 1, state.stage)
-        cost_file = os.path.join(out_dir, "cost.json") if out_dir else ""
+        cost_file = os.path.join(out_dir, rd.THI_COST) if out_dir else ""
         finished_before = state.finished(rounds) and os.path.isfile(cost_file)
         sim = load_similarity(out_dir, state, sim_base) if out_dir else sim_base.copy()
         if metrics is not None and state.base_metrics is None:
@@ -481,7 +485,7 @@ def _write_outputs(out_dir: str, state: THIState, result: THIResult, captions, i
     from utils.io import atomic_save_npy, atomic_write_json
     from utils.metrics import topk
 
-    atomic_save_npy(os.path.join(out_dir, "final_similarity.npy"), result.similarity)
+    atomic_save_npy(os.path.join(out_dir, rd.THI_FINAL_SIMILARITY), result.similarity)
     k = min(TOP_K_SAVED, result.similarity.shape[1])
     atomic_save_npy(os.path.join(out_dir, "rankings.npy"), topk(result.similarity, k)[1].numpy())
     rows = []
@@ -494,10 +498,10 @@ def _write_outputs(out_dir: str, state: THIState, result: THIResult, captions, i
                      "top1_similarity": float(top1[q]), "candidates": cands[q].tolist()})
     report.write_queries(out_dir, rows)
     report.write_rounds(out_dir, result.base_metrics, result.rounds)
-    atomic_write_json(os.path.join(out_dir, "cost.json"), result.cost)
-    if state.similarity_file != "final_similarity.npy":
+    atomic_write_json(os.path.join(out_dir, rd.THI_COST), result.cost)
+    if state.similarity_file != rd.THI_FINAL_SIMILARITY:
         old = state.similarity_file
-        state.similarity_file = "final_similarity.npy"
+        state.similarity_file = rd.THI_FINAL_SIMILARITY
         save_state(out_dir, state)
         if old:
             try:

@@ -25,8 +25,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from utils.io import atomic_save_npy, atomic_write_json
+from utils import run_dir as rd
 
-STATE_FILE = "state.json"
+STATE_FILE = rd.THI_STATE
 STAGES = ("loc", "vqa", "aggr", "rerank")
 STATE_VERSION = 1
 
