@@ -4,6 +4,7 @@ evaluation (``RUN/eval/<dataset>/best/``, ``.../last/``).
     python test.py runs/RDE_cuhk                          # Best and Last (best.pth, last.pth), one table
     python test.py runs/RDE_cuhk --checkpoint best.pth    # one checkpoint
     python test.py runs/RDE_cuhk --dataset ICFG-PEDES     # cross-domain target
+    python test.py logs/CUHK-PEDES/20241113_RDE_...       # a release's run folder (configs.yaml + best.pth)
     python test.py runs/rde_release --weights best.pth --config configs/rde_cuhk_pedes.yaml
         # a checkpoint of the RDE or IRRA release (or any {'model': state_dict}) becomes a run dir
 """

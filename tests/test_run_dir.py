@@ -267,3 +267,60 @@ def test_thi_cleaning_skips_a_live_writers_folder(tmp_path):
         proc.kill()
         proc.wait()
     assert removed == [str(out / ".tmp-dead")] and (live / ".tmp-live").exists()
+
+
+# ---- issue 23 item 9: a release's run folder (configs.yaml + best.pth) ----
+
+def _release_folder(folder, tiny_clip_path, synth_root, **extra):
+    """A run folder as the ICL/RDE release writes it: its argparse namespace dumped by yaml
+    (img_size a tuple), best.pth = {"model": state_dict}; the model is our tiny one with the
+    release's fixed TSE size (1024)."""
+    import argparse
+
+    import torch
+    import yaml
+
+    from model import build_model
+    from utils.config import load_config
+
+    cfg = load_config("configs/synthpedes_tiny.yaml", [f"root_dir={synth_root}", "num_workers=0",
+                                                       f"pretrain_choice={tiny_clip_path}",
+                                                       "tse_embed_dim=1024"])
+    torch.manual_seed(0)
+    os.makedirs(folder)
+    torch.save({"model": build_model(cfg).state_dict()}, os.path.join(folder, "best.pth"))
+    args = argparse.Namespace(
+        noisy_rate=0.0, noisy_file="", tau=0.015, select_ratio=0.3, margin=0.1, local_rank=0,
+        name="RDE", output_dir="logs", log_period=100, eval_period=1, val_dataset="test",
+        resume=False, resume_ckpt_file="", pretrain_choice="ViT-B/16", temperature=cfg.temperature,
+        img_aug=False, txt_aug=False, cmt_depth=4, masked_token_rate=0.8,
+        masked_token_unchanged_rate=0.1, lr_factor=5.0, loss_names="TAL", img_size=tuple(cfg.img_size),
+        stride_size=cfg.stride_size, text_length=cfg.text_length, vocab_size=49408, optimizer="Adam",
+        lr=1e-5, num_epoch=60, milestones=(20, 50), dataset_name="SynthPEDES",
+        root_dir="/home/someone/data", batch_size=64, test_batch_size=64, num_workers=0,
+        training=True, **extra)
+    with open(os.path.join(folder, "configs.yaml"), "w") as f:
+        yaml.dump(vars(args), f, default_flow_style=False)
+    return str(folder)
+
+
+def test_a_release_run_folder_is_evaluated_from_its_configs_yaml(tmp_path, tiny_clip_path, synth_root):
+    import test as test_cli
+
+    rel = _release_folder(tmp_path / "rel", tiny_clip_path, synth_root)
+    assert "!!python/tuple" in open(os.path.join(rel, "configs.yaml")).read()
+    assert test_cli.main([rel, "--root", synth_root, "--device", "cpu", "--no-progress"]) == 0
+    ev = rd.read_eval(rel, "SynthPEDES", rd.BEST)
+    assert ev["checkpoint"]["file"] == rd.BEST and ev["similarity"].shape[0] == len(ev["captions"])
+
+
+def test_a_release_arg_we_cannot_map_is_refused_by_name(tmp_path, tiny_clip_path, synth_root, capsys):
+    import test as test_cli
+
+    rel = _release_folder(tmp_path / "rel", tiny_clip_path, synth_root, mystery_switch=3,
+                          vocab_size_extra=None)
+    with pytest.raises(SystemExit):
+        test_cli.main([rel, "--root", synth_root, "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert "configs.yaml: release settings that cannot be mapped" in err
+    assert "mystery_switch: 3" in err and "--weights" in err

@@ -69,6 +69,8 @@ EVAL_METRICS = METRICS  # same name, the evaluation's metrics
 EVAL_CHECKPOINT = "checkpoint.json"
 EVAL_FILES = (EVAL_SIMILARITY, EVAL_Q_PIDS, EVAL_G_PIDS, EVAL_CAPTIONS, EVAL_IMAGE_PATHS,
               EVAL_GALLERY, EVAL_METRICS, EVAL_CHECKPOINT)
+# A run folder of the ICL/RDE releases: their args dumped by yaml (utils/iotools.py there).
+RELEASE_CONFIG = "configs.yaml"
 # A THI results folder (thi/<target>/<checkpoint stem>/<MLLM label>/; written by thi/pipeline.py).
 THI_FINAL_SIMILARITY = "final_similarity.npy"
 THI_COST = "cost.json"
@@ -231,6 +233,8 @@ def require_run_dir(run_dir: str | os.PathLike, checkpoint: str = BEST) -> None:
     if not os.path.isdir(run_dir):
         raise RunDirError(f"{run_dir} does not exist: {need}")
     missing = [f for f in (CONFIG, checkpoint) if not os.path.isfile(os.path.join(run_dir, f))]
+    if CONFIG in missing and os.path.isfile(os.path.join(run_dir, RELEASE_CONFIG)):
+        missing.remove(CONFIG)  # a release's run folder: its settings come from configs.yaml
     if missing:
         if failed_start(run_dir) and CONFIG not in missing:
             raise RunDirError(f"{run_dir} holds a training start that failed before its first "
@@ -426,8 +430,11 @@ def parse_config_text(text: str, path: str) -> dict:
 
 
 def read_saved_config(run_dir: str | os.PathLike) -> dict:
-    """The settings ``RUN/config.yaml`` holds (checked whole, see ``parse_config_text``)."""
+    """The settings ``RUN/config.yaml`` holds (checked whole, see ``parse_config_text``); a
+    release run folder's ``configs.yaml`` when there is no ``config.yaml``."""
     path = config_path(run_dir)
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(os.fspath(run_dir), RELEASE_CONFIG)):
+        return read_release_config(run_dir)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: is {os.fspath(run_dir)} a run directory "
                                 f"written by train.py?")
@@ -448,6 +455,61 @@ def seal_config(path: str | os.PathLike) -> None:
     if text.rstrip("\n").rpartition("\n")[2].startswith(CONFIG_SEAL):
         text = text.rstrip("\n").rpartition("\n")[0] + "\n"
     atomic_write_text(path, text + _seal(text))
+
+
+# ---- a release's run folder (configs.yaml + best.pth) ----
+
+# Release args that only steer training or IRRA's MLM head: no effect on the evaluated model.
+RELEASE_TRAINING_ONLY = frozenset({"local_rank", "resume_ckpt_file", "training", "cmt_depth",
+                                   "masked_token_rate", "masked_token_unchanged_rate"})
+# Release args with one value we support.
+RELEASE_FIXED = {"vocab_size": 49408}
+# The args that shape the evaluated model or its test data: refused when they do not type-check.
+RELEASE_EVAL_KEYS = frozenset({"dataset_name", "img_size", "stride_size", "text_length",
+                               "select_ratio", "loss_names", "temperature", "val_dataset"})
+# What the release hard-codes (no arg): RDE's TSE embedding size.
+RELEASE_IMPLIED = {"tse_embed_dim": 1024}
+
+
+class _ReleaseLoader(yaml.SafeLoader):
+    """Safe YAML plus the ``!!python/tuple`` tag that ``yaml.dump(vars(args))`` writes for
+    ``img_size`` (a tuple in the releases' argparse defaults)."""
+
+
+_ReleaseLoader.add_constructor("tag:yaml.org,2002:python/tuple",
+                               lambda loader, node: list(loader.construct_sequence(node)))
+
+
+def read_release_config(run_dir: str | os.PathLike) -> dict:
+    """Our settings from a release run folder's ``configs.yaml`` (its args under the same names;
+    training-only args dropped, RELEASE_IMPLIED added); an arg we cannot map is refused by name."""
+    from utils.config import DEFAULTS, check_types
+
+    path = os.path.join(os.fspath(run_dir), RELEASE_CONFIG)
+    fix = "it is the args file the ICL/RDE release writes next to best.pth (utils/iotools.py there)"
+    with reading(path, fix):
+        with open(path, "rb") as f:
+            data = yaml.load(f.read().decode("utf-8"), Loader=_ReleaseLoader)  # noqa: S506 (safe loader)
+    if not isinstance(data, dict):
+        raise RunFileError(f"{path}: expected the release's args as a YAML mapping")
+    wrong = {k: (data[k], v) for k, v in RELEASE_FIXED.items() if k in data and data[k] != v}
+    unknown = sorted(k for k in data if k not in DEFAULTS and k not in RELEASE_TRAINING_ONLY
+                     and k not in RELEASE_FIXED)
+    if wrong or unknown:
+        lines = [f"  {k}: {old!r} (only {new!r} is supported)" for k, (old, new) in wrong.items()]
+        lines += [f"  {k}: {data[k]!r} (no counterpart here)" for k in unknown]
+        raise RunDirError(f"{path}: release settings that cannot be mapped to ours:\n" + "\n".join(lines)
+                          + f"\nEvaluate the weights with an explicit config instead: python test.py "
+                            f"NEW_FOLDER --weights {checkpoint_path(run_dir, BEST)} --config configs/....yaml")
+    ours = dict(RELEASE_IMPLIED)
+    for key in (k for k in data if k in DEFAULTS):
+        try:
+            ours.update(check_types({key: data[key]}, path))
+        except (ValueError, KeyError, TypeError):
+            if key in RELEASE_EVAL_KEYS:  # shapes the evaluated model or its data: never guessed
+                raise
+            logger.info(f"{path}: {key}={data[key]!r} not taken (training only; today's default)")
+    return ours
 
 
 # ---- checkpoints: identity ----
