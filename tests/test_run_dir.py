@@ -324,3 +324,16 @@ def test_a_release_arg_we_cannot_map_is_refused_by_name(tmp_path, tiny_clip_path
     err = capsys.readouterr().err
     assert "configs.yaml: release settings that cannot be mapped" in err
     assert "mystery_switch: 3" in err and "--weights" in err
+
+
+def test_a_garbled_thi_cost_report_is_named(two_ckpt_run, synth_root, tmp_path):
+    from thi.cli import main
+
+    out = str(tmp_path / "thi")
+    args = ["--run", two_ckpt_run, "--target", "SynthPEDES", "--root", synth_root, "--backend",
+            "simulated", "--device", "cpu", "--no-progress", "--rounds", "1", "--out", out]
+    assert main(args) == 0
+    cost = os.path.join(out, rd.THI_COST)
+    open(cost, "w").write('{"calls_total": ')
+    with pytest.raises(rd.RunFileError, match=rf"{cost} cannot be read"):
+        main(args)

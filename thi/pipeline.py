@@ -9,7 +9,6 @@ folder the state is saved after every stage, so a killed run resumes where it st
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import re
 import time
@@ -22,7 +21,7 @@ from utils import run_dir as rd
 
 from . import gating, report
 from .rerank import check_lambda, rerank_rows
-from .state import THIState, fingerprint, load_similarity, load_state, save_state
+from .state import STATE_FILE, THIState, fingerprint, load_similarity, load_state, save_state
 
 TOP_K_SAVED = 10
 # A stage whose answers are unparseable more often than this gets a loud warning (log, summary).
@@ -466,8 +465,8 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
 
         interacted = int(sum(state.asked_ever))
         if finished_before:  # keep the finished run's own report (client counters included)
-            with open(cost_file, encoding="utf-8") as f:
-                cost = json.load(f)
+            cost = rd.read_json(cost_file, f"delete it and {STATE_FILE} beside it to run THI "
+                                           f"again, or pass another --out")
         else:
             cost = report.cost_report(state.records, num_q, interacted, _client_stats(client))
         warnings = [w for rec in state.records for w in rec.get("warnings", [])]
