@@ -13,7 +13,6 @@ was made from another checkpoint) and re-encodes refined queries with the same c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Optional
