@@ -14,6 +14,10 @@ import torch.nn.functional as F
 from model import objectives
 from model.tse import TexualEmbeddingLayer, VisualEmbeddingLayer
 
+# The RDA terms (the augmented caption's view), weighted by ``aug_gamma`` (the schedule:
+# processor/rda_schedule.py); every other term keeps weight 1.
+RDA_TERMS = ("bge_aug_loss", "tse_aug_loss")
+
 
 class RDE(nn.Module):
     def __init__(self, base_model: nn.Module, *, select_ratio: float = 0.3, tse_embed_dim: int = 1024,
@@ -106,7 +110,7 @@ class RDE(nn.Module):
         for name, (img, txt) in views.items():
             per = objectives.compute_loss(self.loss_name, self._scores(gather(img), gather(txt)), pids_all, **kw)
             loss = self.reduce_local(per[gather.local], weights, weights_all) * gather.world
-            out[name] = loss * aug_gamma if "aug" in name else loss
+            out[name] = loss * aug_gamma if name in RDA_TERMS else loss
         return out
 
     def reduce_local(self, per_local: torch.Tensor, w_local: torch.Tensor, w_all: torch.Tensor) -> torch.Tensor:
@@ -161,8 +165,3 @@ class _CrossRank:
 
     def _unpad(self, parts) -> torch.Tensor:
         return torch.cat([part[:n] for part, n in zip(parts, self.sizes)])
-
-
-def rda_gamma(epoch: int, start: float = 1.0, decay: float = 0.03, minimum: float = 0.1) -> float:
-    """Weight of the RDA term: g = max(minimum, start - decay * epoch) (ICL: max(0.1, 1 - 0.03 e))."""
-    return max(minimum, start - decay * epoch)
