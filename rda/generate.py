@@ -32,6 +32,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from utils.errors import InputFileError, ProjectError
+from utils.io import read_json
 from utils.mllm import Request
 from utils.mllm.parsing import parse_lines, parse_vqa
 from utils.mllm.prompts import PROMPT_VERSION, aggr_prompt, dec_prompt, rwt_prompt, vqa_prompt
@@ -39,6 +41,11 @@ from utils.mllm.prompts import PROMPT_VERSION, aggr_prompt, dec_prompt, rwt_prom
 from .filters import (FilterCounts, clean_pieces, looks_like_english, looks_like_sentences,
                       looks_like_vqa_reply, split_sentences)
 from .store import AnswerLog, atomic_write_json
+
+
+class StateMismatch(ProjectError, ValueError):
+    """An RDA resume state made with other settings than this run's."""
+
 
 log = logging.getLogger("rda")
 
@@ -137,11 +144,14 @@ class RDAGenerator:
         path = os.path.join(state_dir, "meta.json")
         meta = self._meta()
         if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                old = json.load(f)
+            old = read_json(path, fix=f"delete {state_dir} to start over (its answers are asked again) "
+                                      "or write to another --out")
+            if not isinstance(old, dict):
+                raise InputFileError(f"{path}: expected a JSON object of RDA settings, got "
+                                     f"{type(old).__name__}; delete {state_dir} to start over")
             diff = [k for k in meta if old.get(k) != meta[k]]
             if diff:
-                raise ValueError(
+                raise StateMismatch(
                     f"RDA resume state {state_dir} was made with other settings ({', '.join(diff)}: "
                     f"{ {k: old.get(k) for k in diff} } vs now { {k: meta[k] for k in diff} }); "
                     f"delete that folder to start over or write to another --out")

@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Optional
 
+from utils.errors import cli_errors
+
 SUBCOMMANDS = ("table1", "table2", "table34", "table5", "table6", "rde_noise",
                "fig3", "fig5", "fig6", "fig7")
 # The real world's plan also holds the step that makes THI's tuned MLLM (first: THI needs it).
@@ -129,6 +131,7 @@ def _pre_checkpoints(items):
     return out
 
 
+@cli_errors("python -m repro")
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -421,7 +421,7 @@ class MiniWorld(World):
         d = self.domains[dataset]
         folder = os.path.join(d["root"], "SynthPEDES")
         jobs = [Job(f"generate the {dataset} domain (SynthPEDES, seed {d.get('seed', 0)})",
-                    py("-m", "datasets.synthpedes", folder, "--num-ids", str(d["num_ids"]),
+                    py("-m", "offline.synthpedes", folder, "--num-ids", str(d["num_ids"]),
                        "--images-per-id", str(d.get("images_per_id", 2)),
                        "--captions-per-image", str(d.get("captions_per_image", 2)),
                        "--seed", str(d.get("seed", 0))),

@@ -20,7 +20,7 @@ M = 3  # rewrites per sub-sentence
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     """A small SynthPEDES (10 identities x 3 images x 2 captions) and its annotation records."""
-    from datasets.synthpedes import generate
+    from offline.synthpedes import generate
 
     root = tmp_path_factory.mktemp("rda-data")
     generate(root / "SynthPEDES", num_ids=10, images_per_id=3, seed=1)
@@ -321,7 +321,7 @@ def test_gibberish_never_becomes_diversity_captions(synth, tmp_path):
 def test_unusable_answers_are_not_kept_and_asked_again(synth, tmp_path):
     """Before: empty answers were logged as answers; after the server was fixed, the rerun sent
     0 requests and kept the fallback captions."""
-    from utils.mllm.simulated import SimulatedClient
+    from offline.simulated import SimulatedClient
 
     class Flaky(SimulatedClient):
         broken = True
@@ -345,7 +345,7 @@ def test_unusable_answers_are_not_kept_and_asked_again(synth, tmp_path):
     assert records == reference
 
 
-def test_cli_client_options(tmp_path):
+def test_cli_client_options(tmp_path, capsys):
     import logging
 
     from rda.cli import build_parser, client_options, main
@@ -364,7 +364,7 @@ def test_cli_client_options(tmp_path):
     with pytest.raises(SystemExit, match="--concurrency"):
         opts("--backend", "openai", "--base-url", "u", "--served-model", "m", "--concurrency", "0")
     # every HTTP request of the openai SDK is not an INFO line
-    with pytest.raises(FileNotFoundError):  # logging is set up first
-        main(["generate", "--dataset", "SynthPEDES", "--root", str(tmp_path), "--backend",
-              "openai"])
+    # logging is set up first; the missing annotation file is one message, exit status 2
+    assert main(["generate", "--dataset", "SynthPEDES", "--root", str(tmp_path), "--backend", "openai"]) == 2
+    assert "python -m rda: error: SynthPEDES: annotation file" in capsys.readouterr().err
     assert logging.getLogger("httpx").getEffectiveLevel() >= logging.WARNING

@@ -323,8 +323,8 @@ class Recording:
 def synth(tmp_path_factory):
     """A small SynthPEDES test split and an imperfect model-free base similarity."""
     from datasets import build_dataset
-    from datasets.synthpedes import generate
-    from thi.synthetic import AttributeSimilarity
+    from offline.synthpedes import generate
+    from offline.synthetic import AttributeSimilarity
 
     root = tmp_path_factory.mktemp("synth")
     generate(root / "SynthPEDES", num_ids=60, images_per_id=4, seed=0)
@@ -512,8 +512,8 @@ def test_state_of_other_settings_is_refused(synth, tmp_path):
 KILL_SCRIPT = r'''
 import json, os, signal, sys
 from thi import run_thi
-from thi.synthetic import AttributeSimilarity
-from utils.mllm.simulated import SimulatedClient
+from offline.synthetic import AttributeSimilarity
+from offline.simulated import SimulatedClient
 
 data_dir, out, cache, log_path, kill_at = sys.argv[1:6]
 
@@ -550,7 +550,7 @@ def test_kill_9_mid_stage_loses_at_most_one_micro_batch(synth, tmp_path):
     import subprocess
     import sys
 
-    from utils.mllm.simulated import SimulatedClient
+    from offline.simulated import SimulatedClient
 
     out, cache = tmp_path / "thi", tmp_path / "cache"
     script = tmp_path / "kill.py"
@@ -622,7 +622,7 @@ class _Garbled:
     while ``broken`` is set; same identity either way (the server was fixed, not changed)."""
 
     def __new__(cls, synth, cache_dir, broken=True, retry_unusable=True):
-        from utils.mllm.simulated import SimulatedClient
+        from offline.simulated import SimulatedClient
 
         class Client(SimulatedClient):
             def _generate(self, requests, temperature, max_tokens):

@@ -105,7 +105,7 @@ def test_cli_errors_say_what_to_do(run_dir, synth_root):
     ("openai", ["--base-url", "http://127.0.0.1:9/v1", "--served-model", "icl"],
      "utils.mllm.openai_backend.OpenAIClient"),
     ("simulated", ["--attributes", "A", "--error-rate", "0.3"],
-     "utils.mllm.simulated.SimulatedClient"),
+     "offline.simulated.SimulatedClient"),
 ])
 def test_backend_flags_map_to_client_options(backend, extra, cls):
     import importlib

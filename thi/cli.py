@@ -19,6 +19,8 @@ from typing import Optional
 
 from utils import run_dir as rd
 
+from utils.errors import cli_errors
+
 BACKENDS = ("simulated", "vllm", "openai", "transformers")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DEFAULT_XI = 0.5
@@ -200,6 +202,7 @@ def _prepare(args, default_out: str):
     return target, data, score, client, out
 
 
+@cli_errors("python -m thi")
 def main(argv: Optional[list] = None) -> int:
     """Entry point of ``python -m thi`` (and ``python -m thi sweep``)."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -19,6 +19,8 @@ import json
 import os
 from typing import Iterable, Mapping, Sequence
 
+from utils.io import disk_full_named
+
 try:  # POSIX only; without it the cache still works for a single process
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -145,7 +147,10 @@ class ResponseCache:
         payload = "".join(json.dumps({"key": k, "answer": v, **extra}, ensure_ascii=False) + "\n"
                           for k, v in new.items()).encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        with os.fdopen(fd, "ab") as f, _Locked(f, exclusive=True):
+        # Outermost, so that the close's second failed flush is named too.
+        with disk_full_named(self.path, len(payload),
+                             kept="the answers cached before are kept; a rerun asks only the rest"), \
+                os.fdopen(fd, "ab") as f, _Locked(f, exclusive=True):
             # A process killed mid-write may have left a fragment without a newline: start a
             # fresh line so our first record stays parseable.
             size = os.fstat(f.fileno()).st_size
