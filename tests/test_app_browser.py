@@ -63,13 +63,16 @@ def copied_run(trained_run, synth_root, tmp_path_factory):
 
     run = str(tmp_path_factory.mktemp("copied") / "run")
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("mllm_cache", "thi"))
-    for rel in ("config.yaml", os.path.join("eval", "SynthPEDES", "image_paths.json")):
+    from utils.run_dir import seal_config
+
+    for rel in ("config.yaml", os.path.join("eval", "SynthPEDES", "best", "image_paths.json")):
         path = os.path.join(run, rel)
         with open(path) as f:
             text = f.read()
         assert synth_root in text, rel
         with open(path, "w") as f:
             f.write(text.replace(synth_root, OLD_ROOT))
+    seal_config(os.path.join(run, "config.yaml"))  # edited on purpose: sealed again
     return run
 
 
@@ -308,7 +311,7 @@ def test_results_are_marked_stale_after_an_error(page):
 
 
 def test_mllm_judge_off_for_image_only_and_a_second_identity_warns(page, trained_run):
-    image_paths = json.load(open(os.path.join(trained_run, "eval", "SynthPEDES",
+    image_paths = json.load(open(os.path.join(trained_run, "eval", "SynthPEDES", "best",
                                               "image_paths.json")))
     page.check("#kind-image")
     page.set_input_files("#image", image_paths[6])
