@@ -155,8 +155,8 @@ def write_llamafactory_dataset(records: list[dict], out_dir: "str | os.PathLike[
     info = {}
     if os.path.exists(info_path):
         from utils.io import read_json
-        info = read_json(info_path, fix=f"delete it (it is rewritten with this dataset; other datasets "
-                                        f"listed in it must then be exported again) or choose another --out")
+        info = read_json(info_path, fix="delete it (it is rewritten with this dataset; other datasets "
+                                        "listed in it must then be exported again) or choose another --out")
         if not isinstance(info, dict):
             from utils.errors import InputFileError
             raise InputFileError(f"{info_path}: expected LLaMA-Factory's dataset_info object, got "

@@ -8,7 +8,8 @@
 Sub-commands: table1 (CUHK/ICFG/RSTP, groups 1 and 2), table2 (UFine6926), table34
 (cross-domain), table5 (THI on other base models), table6 (ablation), rde_noise (0/0.2/0.5/0.8),
 fig3 (top-1 similarity histograms, xi), fig5 (lambda x xi), fig6 (per THI round), fig7 (top-10
-before/after THI), all. Run directories are the cache: a finished run is never recomputed.
+before/after THI), all; `preflight TABLES...` checks every input of those tables (repro/preflight.py).
+Run directories are the cache: a finished run is never recomputed.
 """
 from __future__ import annotations
 
@@ -133,6 +134,10 @@ def _pre_checkpoints(items):
 
 @cli_errors("python -m repro")
 def main(argv: Optional[list] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["preflight"]:  # checks the inputs only (repro/preflight.py); starts no job
+        from .preflight import main as preflight
+        return preflight(argv[1:])
     args = build_parser().parse_args(argv)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     os.chdir(root)  # train.py, test.py and the configs are addressed from the repository root

@@ -17,6 +17,7 @@ from typing import Optional
 import yaml
 
 from utils import run_dir as rd
+from thi import defaults as thi_defaults
 
 from . import results
 from .jobs import Job, Lazy, py
@@ -144,7 +145,8 @@ class RealWorld(World):
     def __init__(self, *, root: str, runs: str, datasets, gpus: int = 1, mllm_args=(),
                  lora: Optional[str] = None, rda_files: Optional[dict] = None,
                  pre_checkpoint=None, irra_weights: Optional[dict] = None,
-                 rounds: int = 5, lam: float = 0.8, configs: str = "configs",
+                 rounds: int = thi_defaults.ROUNDS, lam: float = thi_defaults.LAMBDA,
+                 configs: str = "configs",
                  sweep_lams="0.5,0.6,0.7,0.8,0.9", sweep_xis="0.4,0.45,0.5,0.55,0.6",
                  noise_dir: str = "noiseindex", merged_mllm: Optional[str] = None,
                  train_lora: bool = False, base_mllm: Optional[str] = None,
@@ -373,8 +375,8 @@ class MiniWorld(World):
             self.domains[ds] = dom
         self.datasets = tuple(self.domains)
         thi = {**cfg.get("thi", {}), **sc.get("thi", {})}
-        self.xi, self.lam = thi.get("xi", "auto"), float(thi.get("lam", 0.8))
-        self.rounds = int(thi.get("rounds", 5))
+        self.xi, self.lam = thi.get("xi", "auto"), float(thi.get("lam", thi_defaults.LAMBDA))
+        self.rounds = int(thi.get("rounds", thi_defaults.ROUNDS))
         self.error_rate, self.mllm_seed = float(thi.get("error_rate", 0.0)), int(thi.get("seed", 0))
         self.nolora_error_rate = float(cfg.get("thi_nolora", {}).get("error_rate", 0.3))
         self.secs = cfg.get("cpu_seconds", {})

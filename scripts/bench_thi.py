@@ -24,6 +24,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from thi.defaults import LAMBDA, ROUNDS, XI  # noqa: E402  (needs ROOT on the path)
+
 SCHEMES = (("ours", "needed"), ("release", "unrefined"), ("naive", "all"))
 
 
@@ -104,9 +106,9 @@ def main(argv=None) -> int:
     ap.add_argument("--attributes", help="attributes.json for the simulated MLLM (with --run)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--error-rate", type=float, default=0.0)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--lam", type=float, default=0.8)
-    ap.add_argument("--xi", type=float, default=0.5)
+    ap.add_argument("--rounds", type=int, default=ROUNDS)
+    ap.add_argument("--lam", type=float, default=LAMBDA)
+    ap.add_argument("--xi", type=float, default=XI)
     args = ap.parse_args(argv)
 
     import numpy as np

@@ -368,3 +368,36 @@ def test_cli_client_options(tmp_path, capsys):
     assert main(["generate", "--dataset", "SynthPEDES", "--root", str(tmp_path), "--backend", "openai"]) == 2
     assert "python -m rda: error: SynthPEDES: annotation file" in capsys.readouterr().err
     assert logging.getLogger("httpx").getEffectiveLevel() >= logging.WARNING
+
+
+def test_changed_images_are_asked_again(synth, tmp_path):
+    """Issue 28 #4. Before: VQA answers were keyed by the image's path, so after every training
+    image changed a rerun sent 0 VQA requests and reused answers about the old pixels. Now they
+    are keyed by the image's content digest (the MLLM cache's identity)."""
+    import shutil
+
+    from PIL import Image
+
+    imgs = tmp_path / "imgs"
+    shutil.copytree(synth["imgs"], imgs)
+    out, cache = tmp_path / "rda.json", str(tmp_path / "cache")
+    _, first = run_rda(synth["records"], simulated(synth, cache), image_root=str(imgs), limit=6,
+                       out_path=out, progress=False)
+    n_images = first["images"]
+    assert first["requests_this_run"]["vqa"] == n_images == 3
+    _, same = run_rda(synth["records"], simulated(synth, cache), image_root=str(imgs), limit=6,
+                      out_path=out, progress=False)
+    assert same["requests_this_run"] == {"vqa": 0, "aggr": 0, "dec": 0, "rwt": 0}
+    used = {r["file_path"] for r in synth["records"] if r["split"] == "train"}
+    for rel in used:  # every training image's pixels change, its path stays
+        path = imgs / rel
+        with Image.open(path) as im:
+            flipped = im.convert("RGB").transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+        flipped.save(path)
+    client = simulated(synth, cache)
+    _, again = run_rda(synth["records"], client, image_root=str(imgs), limit=6, out_path=out,
+                       progress=False)
+    assert again["requests_this_run"]["vqa"] == n_images
+    # the MLLM cache keys images by content too: the new pixels are really asked
+    assert client.stats["cache_misses"] >= n_images
+    assert again["requests_this_run"]["aggr"] == first["requests_this_run"]["aggr"]

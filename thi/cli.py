@@ -21,11 +21,11 @@ from utils import run_dir as rd
 
 from utils.errors import cli_errors
 
+from .defaults import LAMBDA, ROUNDS, TARGET_XI, XI, xi_for
+from .state import SettingsChanged
+
 BACKENDS = ("simulated", "vllm", "openai", "transformers")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
-DEFAULT_XI = 0.5
-# The paper uses a stricter threshold when ICFG-PEDES is the target (Sec. 4.1).
-TARGET_XI = {"ICFG-PEDES": 0.55}
 
 
 def _common(ap: argparse.ArgumentParser) -> None:
@@ -59,7 +59,8 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--error-rate", type=float, default=0.0, help="simulated backend: answer "
                                                                   "error probability")
     ap.add_argument("--seed", type=int, default=0, help="simulated backend: error seed")
-    ap.add_argument("--rounds", type=int, default=5, help="K, interaction rounds (paper: 5)")
+    ap.add_argument("--rounds", type=int, default=ROUNDS,
+                    help=f"K, interaction rounds (paper: {ROUNDS})")
     ap.add_argument("--temperature", type=float, default=0.01)
     ap.add_argument("--release-sampling", action="store_true",
                     help="vllm/transformers: sample at --temperature as the release does (vLLM at 0.01, "
@@ -83,9 +84,9 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     run = argparse.ArgumentParser(prog="python -m thi", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(run)
-    run.add_argument("--lam", type=float, default=0.8, help="Eq. 6's lambda (paper: 0.8)")
-    run.add_argument("--xi", type=float, help="threshold on the top-1 similarity (default 0.5; "
-                                              "0.55 with ICFG-PEDES as target)")
+    run.add_argument("--lam", type=float, default=LAMBDA, help=f"Eq. 6's lambda (paper: {LAMBDA})")
+    run.add_argument("--xi", type=float, help="threshold on the top-1 similarity (default "
+                     f"{XI}; by target: {TARGET_XI})")
     run.add_argument("--out", help="results folder (default RUN/thi/TARGET/CKPT/LABEL, CKPT the "
                                    "checkpoint's stem (best), LABEL naming the backend and model, "
                                    "e.g. vllm-Qwen2-VL-7B-Instruct+icl_lora)")
@@ -221,6 +222,9 @@ def main(argv: Optional[list] = None) -> int:
         with rd.folder_lock(out, "THI (python -m thi)"):
             rd.clean_temp_tree(out)
             _run(args, is_sweep, target, data, score, client, out, common)
+    except SettingsChanged as refusal:  # a refusal, not a bug: the message alone, exit 2
+        print(f"python -m thi: error: {refusal}", file=sys.stderr)
+        return 2
     finally:
         close = getattr(client, "close", None)
         if close is not None:
@@ -241,7 +245,7 @@ def _run(args, is_sweep: bool, target: str, data: dict, score, client, out: str,
     else:
         from . import run_thi
 
-        xi = args.xi if args.xi is not None else TARGET_XI.get(target, DEFAULT_XI)
+        xi = args.xi if args.xi is not None else xi_for(target)
         result = run_thi(data["similarity"], data["captions"], data["image_paths"], client,
                          score, lam=args.lam, xi=xi, ask=args.ask, one_at=args.eq6_one_at, **common)
         if result.rounds and result.rounds[-1].get("metrics"):

@@ -20,6 +20,8 @@ import argparse
 import sys
 from typing import Optional
 
+from ..defaults import LAMBDA
+
 
 def build_parser() -> argparse.ArgumentParser:
     from ..cli import BACKENDS, _common
@@ -36,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
             action.default = 100
             action.help = ("answers per search session (then a new search starts over; "
                            "default 100)")
-    ap.add_argument("--lam", type=float, default=0.8, help="Eq. 6's lambda (paper: 0.8)")
+    ap.add_argument("--lam", type=float, default=LAMBDA, help=f"Eq. 6's lambda (paper: {LAMBDA})")
     ap.add_argument("--image-weight", type=float, default=0.5,
                     help="default weight of the image similarity for text + image queries")
     ap.add_argument("--top-k", type=int, default=20, help="results shown per page")

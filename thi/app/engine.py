@@ -1,7 +1,8 @@
 """The search engine behind the page: query kinds, sessions, one THI step per answer.
 
 No web code here. A session holds one query's base similarity over the gallery and its
-interaction so far. One answer is one THI step (``thi.pipeline``'s requests and parsers, Eq. 6
+interaction so far. One answer is one THI step (``thi.pipeline``'s step functions over the MLLM
+stage runner, ``utils.mllm.stages``: the same requests and answer rules as THI and RDA; Eq. 6
 from ``thi.rerank``):
 
 * "this is the one" (the person, or the MLLM's anchor localization on request) makes the image
@@ -31,7 +32,11 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..pipeline import ask_one, loc_request, refine_query
+from utils.mllm.parsing import parse_yes_no
+from utils.mllm.stages import loc_request
+
+from ..defaults import LAMBDA
+from ..pipeline import ask_one, refine_query
 from ..rerank import check_lambda, rerank_rows
 from .attributes import attributes_to_text
 
@@ -151,7 +156,7 @@ class SearchEngine:
 
     def __init__(self, image_paths: Sequence[str], score_texts: Callable, *,
                  score_images: Optional[Callable] = None, client=None, g_pids=None,
-                 examples: Optional[Sequence] = None, lam: float = 0.8,
+                 examples: Optional[Sequence] = None, lam: float = LAMBDA,
                  default_image_weight: float = 0.5, top_k: int = 20, max_sessions: int = 64,
                  max_rounds: int = 100, temperature: float = 0.01, max_tokens: int = 512,
                  info: Optional[dict] = None, image_root: Optional[str] = None):
@@ -279,8 +284,6 @@ class SearchEngine:
         raise BadRequest("every gallery image has been judged")
 
     def _ask_localization(self, session: Session, g: int, step: dict) -> str:
-        from utils.mllm.parsing import parse_yes_no
-
         if self.client is None:
             raise BadRequest("this server has no MLLM (start it with --backend); answer yourself")
         if not session.current_text:

@@ -9,13 +9,16 @@ for the same key replaces them. An empty answer is never usable.
 Each record is appended with a single ``write`` under an exclusive ``flock``, so a killed
 process loses at most the answers it had not written yet and concurrent writers never
 interleave. A torn last line (a process killed mid-write, or a
-filesystem that ignores locks) is skipped on load; the next writer starts on a fresh line so the
+filesystem that ignores locks) is skipped on load, counted (``corrupt_lines``, what
+``refresh()`` returns, the client's ``stats["cache_skipped_lines"]``) and logged with the file's
+path; the next writer starts on a fresh line so the
 torn fragment cannot swallow a good record.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Iterable, Mapping, Sequence
 
@@ -27,6 +30,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 CACHE_FILE = "responses.jsonl"
+log = logging.getLogger(__name__)
 
 
 def make_key(parts: Sequence[object]) -> str:
@@ -78,19 +82,27 @@ class ResponseCache:
     def __contains__(self, key: str) -> bool:
         return key in self._data
 
-    def refresh(self) -> None:
-        """Load complete lines appended since the last refresh (by any process)."""
+    def refresh(self) -> int:
+        """Load complete lines appended since the last refresh (by any process); returns how
+        many of them were torn or unreadable and skipped (their answers are asked again)."""
         if not os.path.exists(self.path):
-            return
+            return 0
         with open(self.path, "rb") as f, _Locked(f, exclusive=False):
             f.seek(self._offset)
             chunk = f.read()
         end = chunk.rfind(b"\n")
         if end < 0:  # nothing complete yet (or only a torn fragment)
-            return
+            return 0
         self._offset += end + 1
+        before = self.corrupt_lines
         for line in chunk[:end].split(b"\n"):
             self._ingest(line)
+        skipped = self.corrupt_lines - before
+        if skipped:
+            log.warning("MLLM cache %s: skipped %d torn or unreadable line(s) (a write cut by a "
+                        "kill, or not a cache record); their answers are asked again",
+                        self.path, skipped)
+        return skipped
 
     def _ingest(self, line: bytes) -> None:
         if not line.strip():
