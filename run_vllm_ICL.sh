@@ -15,7 +15,7 @@
 #   bash run_vllm_ICL.sh ... --dry-run                       # print the commands, run nothing
 #   bash run_vllm_ICL.sh ... -- --rounds 3 --out results/x   # anything after -- goes to python -m thi
 #
-# Results go to RUN/thi/TARGET/LABEL/, LABEL naming the backend and model (vllm-<model>+<lora>,
+# Results go to RUN/thi/TARGET/best/LABEL/, LABEL naming the backend and model (vllm-<model>+<lora>,
 # vllm-<merged model>+merged, vllm-<model>+nolora, openai-<served model>, simulated).
 #
 # Every setting below can also be given as an environment variable of the same name.
@@ -126,11 +126,12 @@ fi
 export CUDA_VISIBLE_DEVICES=$GPUS
 if [ "$DRY_RUN" = 1 ]; then echo "export CUDA_VISIBLE_DEVICES=$GPUS"; fi
 
-# The base similarity, ids and gallery features THI reads.
-if [ "$DRY_RUN" = 1 ] || [ ! -f "$RUN_DIR/eval/$TARGET/gallery_feats.npz" ]; then
-  [ "$DRY_RUN" = 1 ] && echo "# when $RUN_DIR/eval/$TARGET/gallery_feats.npz is missing:"
+# The base similarity, ids and gallery features THI reads: best.pth's evaluation, made from
+# best.pth as it is now (utils/run_dir.py knows where it lives).
+if [ "$DRY_RUN" = 1 ] || ! $PY -m utils.run_dir eval-ready "$RUN_DIR" "$TARGET" 2>/dev/null; then
+  [ "$DRY_RUN" = 1 ] && echo "# when best.pth's evaluation on $TARGET is missing or stale:"
   echo "== evaluating $RUN_DIR on $TARGET (source $SOURCE)"
-  run $PY test.py "$RUN_DIR" --dataset "$TARGET" --root "$ROOT" --device "$DEVICE"
+  run $PY test.py "$RUN_DIR" --dataset "$TARGET" --root "$ROOT" --device "$DEVICE" --checkpoint best.pth
 fi
 
 ARGS=(--run "$RUN_DIR" --target "$TARGET" --root "$ROOT" --backend "$BACKEND"

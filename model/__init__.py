@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from model.rde import RDE
+from utils.run_dir import BEST, checkpoint_path, checkpoints_in
 
 from model.clip import CLIP, infer_config, load_clip, resize_text_pos_embed
 from utils.io import torch_load
@@ -153,12 +154,12 @@ def build_from_weights(cfg, path: str | os.PathLike) -> RDE:
 
 
 def load_run(run_dir: str | os.PathLike, device: torch.device | str = "cpu",
-             checkpoint: str = "best.pth") -> tuple[RDE, Any]:
+             checkpoint: str = BEST) -> tuple[RDE, Any]:
     """(model in eval mode on ``device``, resolved config) of a run directory."""
     cfg = load_run_config(run_dir)
-    path = os.path.join(run_dir, checkpoint)
+    path = checkpoint_path(run_dir, checkpoint)
     if not os.path.isfile(path):
-        others = sorted(f for f in os.listdir(run_dir) if f.endswith(".pth")) if os.path.isdir(run_dir) else []
+        others = checkpoints_in(run_dir)
         raise FileNotFoundError(f"{path} not found (checkpoints in {run_dir}: {others or 'none'}); "
                                 "train first or pass --checkpoint")
     model = build_from_weights(cfg, path)

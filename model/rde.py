@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather
 
 from model import objectives
 from model.tse import TexualEmbeddingLayer, VisualEmbeddingLayer
 
-import torch.distributed as dist
-from torch.distributed.nn.functional import all_gather
+# The RDA terms (the augmented caption's view), weighted by ``aug_gamma`` (the schedule:
+# processor/rda_schedule.py); every other term keeps weight 1.
+RDA_TERMS = ("bge_aug_loss", "tse_aug_loss")
 
 
 class RDE(nn.Module):
@@ -109,7 +112,7 @@ class RDE(nn.Module):
         for name, (img, txt) in views.items():
             per = objectives.compute_loss(self.loss_name, self._scores(gather(img), gather(txt)), pids_all, **kw)
             loss = self.reduce_local(per[gather.local], weights, weights_all) * gather.world
-            out[name] = loss * aug_gamma if "aug" in name else loss
+            out[name] = loss * aug_gamma if name in RDA_TERMS else loss
         return out
 
     def reduce_local(self, per_local: torch.Tensor, w_local: torch.Tensor, w_all: torch.Tensor) -> torch.Tensor:
@@ -160,8 +163,3 @@ class _CrossRank:
 
     def _unpad(self, parts) -> torch.Tensor:
         return torch.cat([part[:n] for part, n in zip(parts, self.sizes)])
-
-
-def rda_gamma(epoch: int, start: float = 1.0, decay: float = 0.03, minimum: float = 0.1) -> float:
-    """Weight of the RDA term: g = max(minimum, start - decay * epoch) (ICL: max(0.1, 1 - 0.03 e))."""
-    return max(minimum, start - decay * epoch)

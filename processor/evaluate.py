@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
-import torch
 
 from model.features import extract_image_features, extract_text_features, similarity_from_features
-from utils.io import atomic_save_npy, atomic_save_npz, atomic_write_json
+from utils import run_dir as rd
 from utils.metrics import metrics_table, t2i_metrics
 
 from datasets import build_eval_loaders
@@ -19,8 +17,9 @@ logger = logging.getLogger("ICL.eval")
 
 
 def evaluate(model, img_loader, txt_loader, device, amp=None, *, out_dir=None, split: dict | None = None,
-             name: str = "t2i", progress: bool = True) -> dict:
-    """Text-to-image metrics of ``model``; with ``out_dir`` also writes the eval folder.
+             name: str = "t2i", progress: bool = True, checkpoint: dict | None = None) -> dict:
+    """Text-to-image metrics of ``model``; with ``out_dir`` also writes the eval folder (whole,
+    stamped with ``checkpoint``: ``utils.run_dir.checkpoint_identity``).
 
     Returns ``{"t2i": metrics, "bge": ..., "tse": ...}`` (each R1/R5/R10/mAP/mINP in percent);
     ``t2i`` is the model's retrieval similarity (RDE: mean of BGE and TSE).
@@ -35,33 +34,25 @@ def evaluate(model, img_loader, txt_loader, device, amp=None, *, out_dir=None, s
     rows = [(f"{name}-{k}" if k != "t2i" else name, v) for k, v in results.items()]
     logger.info("\n" + metrics_table(rows))
     if out_dir is not None:
-        write_eval_dir(out_dir, sim, q_pids, g_pids, g_feats, results, split)
+        rd.write_eval_folder(out_dir, similarity=sim.float().numpy(), q_pids=np.asarray(q_pids),
+                             g_pids=np.asarray(g_pids),
+                             gallery_feats={k: v.float().numpy() for k, v in g_feats.items()},
+                             metrics=results, checkpoint=checkpoint,
+                             captions=None if split is None else list(split["captions"]),
+                             image_paths=None if split is None else list(split["img_paths"]))
     return results
 
 
-def write_eval_dir(out_dir, sim: torch.Tensor, q_pids, g_pids, g_feats: dict, results: dict,
-                   split: dict | None) -> None:
-    """The eval folder of the run-directory contract (see docs/ARCHITECTURE.md)."""
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_save_npy(os.path.join(out_dir, "similarity.npy"), sim.float().numpy())
-    atomic_save_npy(os.path.join(out_dir, "q_pids.npy"), np.asarray(q_pids, dtype=np.int64))
-    atomic_save_npy(os.path.join(out_dir, "g_pids.npy"), np.asarray(g_pids, dtype=np.int64))
-    atomic_save_npz(os.path.join(out_dir, "gallery_feats.npz"),
-                    **{k: v.float().numpy() for k, v in g_feats.items()})
-    if split is not None:
-        atomic_write_json(os.path.join(out_dir, "captions.json"), list(split["captions"]))
-        atomic_write_json(os.path.join(out_dir, "image_paths.json"),
-                          [os.path.abspath(p) for p in split["img_paths"]])
-    atomic_write_json(os.path.join(out_dir, "metrics.json"), results)
-
-
 def evaluate_run(run_dir: str, *, dataset: str | None = None, root: str | None = None,
-                 checkpoint: str = "best.pth", device: str = "auto", amp: str | None = None,
+                 checkpoint: str = rd.BEST, device: str = "auto", amp: str | None = None,
                  batch_size: int | None = None, num_workers: int | None = None,
                  progress: bool = True) -> dict:
-    """Evaluate a run directory on its dataset or another one (cross-domain) and write
-    ``<run_dir>/eval/<dataset>/`` (similarity, ids, captions, image paths, gallery features)."""
+    """Evaluate a checkpoint of a run directory on its dataset or another one (cross-domain) and
+    write its evaluation ``utils.run_dir.eval_dir(run_dir, dataset, checkpoint)`` (similarity,
+    ids, captions, image paths, gallery features, metrics, the checkpoint's name and sha256).
+    The caller holds the run's lock (test.py, the trainer)."""
     dev = resolve_device(device)
+    ident = rd.checkpoint_identity(run_dir, checkpoint)  # the file the model is read from next
     model, cfg = load_run(run_dir, dev, checkpoint=checkpoint)
     target = dataset or cfg.dataset_name
     ecfg = cfg.copy()
@@ -76,9 +67,10 @@ def evaluate_run(run_dir: str, *, dataset: str | None = None, root: str | None =
         ecfg.num_workers = num_workers
     img_loader, txt_loader, split = build_eval_loaders(ecfg, split="test")
     amp_dtype = resolve_amp(amp if amp is not None else cfg.amp, dev)
-    out_dir = os.path.join(run_dir, "eval", target)
-    logger.info(f"evaluating {run_dir}/{checkpoint} on {target} (source {cfg.dataset_name})")
+    out_dir = rd.eval_dir(run_dir, target, checkpoint)
+    logger.info(f"evaluating {rd.checkpoint_path(run_dir, checkpoint)} (sha256 {ident['sha256'][:12]}) "
+                f"on {target} (source {cfg.dataset_name}) into {out_dir}")
     results = evaluate(model, img_loader, txt_loader, dev, amp_dtype, out_dir=out_dir, split=split,
                        name=f"{cfg.dataset_name}->{target}" if target != cfg.dataset_name else target,
-                       progress=progress)
+                       progress=progress, checkpoint=ident)
     return results

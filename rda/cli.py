@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Optional
 
+from utils import run_dir as rd
 from utils.errors import cli_errors
 from utils.mllm.cli_options import client_options
 
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--no-ccd", action="store_true", help="ignore CCD's clean labels")
     sft.add_argument("--relative-images", action="store_true",
                      help="write image paths relative to --out (default absolute)")
-    sft.add_argument("--checkpoint", default="best.pth")
+    sft.add_argument("--checkpoint", default=rd.BEST)
     sft.add_argument("--device", default="auto")
     sft.add_argument("--batch-size", type=int, default=128, help="feature extraction batch size")
     sft.add_argument("--no-progress", action="store_true")
@@ -104,13 +105,19 @@ def run_generate(args) -> int:
     out = args.out or os.path.splitext(str(dataset.anno_path))[0] + ".rda.json"
     if os.path.abspath(out) == os.path.abspath(str(dataset.anno_path)):
         raise SystemExit(f"--out {out} is the input annotation file; choose another path")
-    cache_dir = args.cache_dir or default_paths(out)[0] + "/mllm_cache"
+    state_dir = default_paths(out)[0]
+    cache_dir = args.cache_dir or state_dir + "/mllm_cache"
     client = build_client(args.backend, **client_options(args, str(dataset.dataset_dir), cache_dir))
     try:
-        _, summary = run_rda(records, client, image_root=str(dataset.img_dir),
-                             rewrites=args.rewrites, out_path=out, limit=args.limit,
-                             temperature=args.temperature, max_tokens=args.max_tokens,
-                             chunk_size=args.chunk_size, progress=not args.no_progress)
+        # One generation per state folder: a second one would send every request again.
+        with rd.folder_lock(state_dir, "RDA generation (python -m rda generate)"):
+            rd.clean_temp_tree(state_dir)
+            _, summary = run_rda(records, client, image_root=str(dataset.img_dir),
+                                 rewrites=args.rewrites, out_path=out, limit=args.limit,
+                                 temperature=args.temperature, max_tokens=args.max_tokens,
+                                 chunk_size=args.chunk_size, progress=not args.no_progress)
+    except rd.FolderBusyError as err:
+        raise SystemExit(f"python -m rda generate: error: {err}") from None
     finally:
         client.close()
     print(json.dumps(summary, indent=2))

@@ -6,21 +6,22 @@ generator stay light.
 """
 from __future__ import annotations
 
-import glob
 import logging
-import os
-import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
-from datasets.noise import build_noise_index, permute_captions
 from datasets import ImageDataset, TextDataset, build_dataset, build_transforms
-from model.features import extract_image_features, extract_text_features, similarity_from_features
-from .sft import topk_indices
+from datasets.noise import build_noise_index, permute_captions
 from model import load_run
+from model.features import extract_image_features, extract_text_features, similarity_from_features
+from utils import run_dir as rd
 from utils.device import resolve_device
+
+from .sft import topk_indices
+
+latest_ccd_file = rd.latest_ccd_file  # RUN/ccd/epoch_<k>.npz with the largest k (or None)
 
 log = logging.getLogger("rda")
 
@@ -62,21 +63,10 @@ def training_pairs(dataset, *, noisy_rate: float = 0.0, noisy_file: Optional[str
                       image_paths=image_paths, image_pids=image_pids)
 
 
-def latest_ccd_file(run_dir: str) -> Optional[str]:
-    """``RUN/ccd/epoch_<k>.npz`` with the largest k, or None."""
-    files = glob.glob(os.path.join(run_dir, "ccd", "epoch_*.npz"))
-    numbered = [(int(m.group(1)), f) for f in files
-                if (m := re.search(r"epoch_(\d+)\.npz$", f))]
-    return max(numbered)[1] if numbered else None
-
-
 def clean_mask(path: str, num_pairs: int) -> np.ndarray:
     """CCD's clean label per training pair: clean in both views (BGE and TSE)."""
-    with np.load(path) as z:
-        missing = [k for k in ("clean_bge", "clean_tse") if k not in z]
-        if missing:
-            raise KeyError(f"{path} lacks {missing}; expected CCD's clean_bge and clean_tse arrays")
-        mask = z["clean_bge"].astype(bool) & z["clean_tse"].astype(bool)
+    z = rd.read_ccd(path)
+    mask = z["clean_bge"].astype(bool) & z["clean_tse"].astype(bool)
     if mask.shape != (num_pairs,):
         raise ValueError(f"{path} has clean labels for {mask.shape[0]} pairs but the training split "
                          f"has {num_pairs}; was the run trained on another dataset or annotation file?")
@@ -123,7 +113,7 @@ def train_top_indices(model, pairs: TrainPairs, cfg, device, *, top_k: int = 10,
 
 
 def load_run_inputs(run_dir: str, *, root: Optional[str] = None, dataset_name: Optional[str] = None,
-                    anno_file: Optional[str] = None, device: str = "cpu", checkpoint: str = "best.pth",
+                    anno_file: Optional[str] = None, device: str = "cpu", checkpoint: str = rd.BEST,
                     top_k: int = 10, batch_size: int = 128, use_ccd: bool = True,
                     progress: bool = True) -> RunInputs:
     """Rebuild the run's model and training pairs, rank the training images for every training
@@ -141,9 +131,10 @@ def load_run_inputs(run_dir: str, *, root: Optional[str] = None, dataset_name: O
                            seed=int(getattr(cfg, "seed", 0)), noise_draw=bool(cfg.get("noise_draw", False)))
     clean, ccd = None, None
     if use_ccd:
-        ccd = latest_ccd_file(run_dir)
+        ccd = rd.latest_ccd_file(run_dir)
         if ccd is None:
-            log.warning("%s has no ccd/epoch_*.npz: every training pair counts as clean", run_dir)
+            log.warning("%s has no CCD record (%s): every training pair counts as clean", run_dir,
+                        rd.ccd_file(run_dir, 1).replace("_1.", "_*."))
         elif not own:
             log.warning("CCD labels of %s belong to %s, not %s: every pair counts as clean",
                         run_dir, cfg.dataset_name, name)

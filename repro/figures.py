@@ -13,6 +13,7 @@ from .jobs import Runner, total
 from .tables import M5, world_text
 from .worlds import PAPER_XI, Unavailable, World
 
+from utils import run_dir as rd
 from utils.io import atomic_write_json
 
 from utils.io import atomic_write_text
@@ -219,7 +220,7 @@ def fig7(world: World, runner: Runner, out_dir: str, queries: int = 4) -> dict:
     if dry is not None:
         return dry
     ev = results.load_eval(erun, tname)
-    after = np.load(os.path.join(out, "final_similarity.npy"))
+    after = rd.read_npy(os.path.join(out, rd.THI_FINAL_SIMILARITY), "run its THI job again (python -m repro ...)")
     before = ev["similarity"]
     rb = results.first_correct_rank(before, ev["q_pids"], ev["g_pids"])
     ra = results.first_correct_rank(after, ev["q_pids"], ev["g_pids"])

@@ -2,53 +2,48 @@
 docs/ARCHITECTURE.md); nothing here computes a model output."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
 import numpy as np
 
-import yaml
 from thi.threshold import choose_xi
+from utils import run_dir as rd
 
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 
 
+_FIX = "run the job that writes it (python -m repro ... without --dry-run), or check the run directory"
+
+
 def _json(path: str):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: run the job that writes it (python -m repro "
-                                f"... without --dry-run), or check the run directory")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return rd.read_json(path, _FIX)
 
 
 def training_done(run_dir: str) -> bool:
     """True when train.py finished every epoch of the run's config and evaluated the best one."""
-    path = os.path.join(run_dir, "metrics.json")
-    if not os.path.isfile(path) or not os.path.isfile(os.path.join(run_dir, "config.yaml")):
+    if not os.path.isfile(rd.metrics_path(run_dir)) or not os.path.isfile(rd.config_path(run_dir)):
         return False
-
-    with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
-        cfg = yaml.safe_load(f) or {}
-    epochs = _json(path).get("epochs", [])
+    cfg = rd.read_saved_config(run_dir)
+    epochs = rd.read_metrics(run_dir).get("epochs", [])
     if not epochs or int(epochs[-1]["epoch"]) < int(cfg.get("num_epoch", 0)):
         return False
-    return os.path.isfile(os.path.join(run_dir, "eval", str(cfg.get("dataset_name")), "metrics.json"))
+    return rd.eval_complete(run_dir, str(cfg.get("dataset_name")))
 
 
-def eval_metrics(run_dir: str, target: str) -> dict:
-    """R1..mINP of ``run_dir/eval/target`` (the model's retrieval similarity, t2i)."""
-    m = _json(os.path.join(run_dir, "eval", target, "metrics.json"))["t2i"]
+def eval_metrics(run_dir: str, target: str, checkpoint: str = rd.BEST) -> dict:
+    """R1..mINP of the checkpoint's evaluation on ``target`` (the model's retrieval similarity, t2i)."""
+    m = rd.read_eval_metrics(run_dir, target, checkpoint)["t2i"]
     return {k: float(m[k]) for k in METRICS}
 
 
 def best_and_last(run_dir: str) -> dict:
     """The RDE tables' "Best" (the epoch of the best test R1, as the releases select) and "Last"
     (the final epoch) metrics, from metrics.json."""
-    data = _json(os.path.join(run_dir, "metrics.json"))
+    data = rd.read_metrics(run_dir)
     evaluated = [e for e in data["epochs"] if e.get("metrics")]
     if not evaluated:
-        raise ValueError(f"{run_dir}/metrics.json holds no evaluated epoch")
+        raise ValueError(f"{rd.metrics_path(run_dir)} holds no evaluated epoch")
     best = max(evaluated, key=lambda e: e["metrics"]["t2i"]["R1"])
     last = evaluated[-1]
     pick = lambda e: {k: float(e["metrics"]["t2i"][k]) for k in METRICS}  # noqa: E731
@@ -58,7 +53,7 @@ def best_and_last(run_dir: str) -> dict:
 
 def thi_rounds(thi_dir: str) -> dict:
     """``{"base": metrics, "rounds": [metrics after round 1..K]}`` of a THI results folder."""
-    data = _json(os.path.join(thi_dir, "rounds.json"))
+    data = _json(os.path.join(thi_dir, rd.THI_ROUNDS))
     rounds = [r["metrics"] for r in data["rounds"] if r.get("metrics")]
     return {"base": data["base"], "rounds": rounds}
 
@@ -70,14 +65,9 @@ def thi_metrics(thi_dir: str) -> dict:
     return {k: float(last[k]) for k in METRICS}
 
 
-def load_eval(run_dir: str, target: str) -> dict:
-    """Similarity, ids, captions and image paths of an eval folder."""
-    folder = os.path.join(run_dir, "eval", target)
-    return {"similarity": np.load(os.path.join(folder, "similarity.npy")),
-            "q_pids": np.load(os.path.join(folder, "q_pids.npy")),
-            "g_pids": np.load(os.path.join(folder, "g_pids.npy")),
-            "captions": _json(os.path.join(folder, "captions.json")),
-            "image_paths": _json(os.path.join(folder, "image_paths.json"))}
+def load_eval(run_dir: str, target: str, checkpoint: str = rd.BEST) -> dict:
+    """Similarity, ids, captions and image paths of a checkpoint's evaluation."""
+    return rd.read_eval(run_dir, target, checkpoint)
 
 
 def top1_stats(similarity: np.ndarray, q_pids, g_pids) -> dict:
@@ -104,7 +94,7 @@ def xi_of_run(run_dir: str, target: str) -> float:
 
 
 def sweep_grid(sweep_dir: str) -> dict:
-    return _json(os.path.join(sweep_dir, "sweep.json"))
+    return _json(os.path.join(sweep_dir, rd.THI_SWEEP))
 
 
 def first_correct_rank(similarity: np.ndarray, q_pids, g_pids) -> np.ndarray:

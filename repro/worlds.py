@@ -16,6 +16,7 @@ from typing import Optional
 
 import yaml
 
+from utils import run_dir as rd
 from thi import defaults as thi_defaults
 
 from . import results
@@ -208,7 +209,7 @@ class RealWorld(World):
                       py("test.py", run, f"root_dir={self.root}", "--weights",
                          weights[dataset], "--config", cfg, "--root", self.root,
                          "--no-progress"),
-                      os.path.join(run, "eval", dataset, "metrics.json"),
+                      rd.eval_file(run, dataset),
                       seconds=60, basis="one test-set pass")
             return run, [job]
         return self._train_run(method, dataset, noise, group)
@@ -252,7 +253,7 @@ class RealWorld(World):
         noise_file = next((o.split("=", 1)[1] for o in over if o.startswith("noisy_file=")), None)
         if noise_file and not os.path.isfile(noise_file):  # train.py refuses without it: say so now
             label += f" (needs {noise_file}: copy noiseindex/ from the RDE release, 2024-CVPR-RDE/noiseindex)"
-        jobs.append(Job(label, argv, os.path.join(run, "eval", dataset, "metrics.json"),
+        jobs.append(Job(label, argv, rd.eval_file(run, dataset),
                         seconds=self._train_seconds(dataset), basis=REAL_BASIS))
         return run, jobs
 
@@ -261,7 +262,7 @@ class RealWorld(World):
             return run_dir, target, []
         job = Job(f"evaluate {os.path.basename(run_dir)} on {target}",
                   py("test.py", run_dir, "--dataset", target, "--root", self.root, "--no-progress"),
-                  os.path.join(run_dir, "eval", target, "metrics.json"),
+                  rd.eval_file(run_dir, target),
                   seconds=120, basis="one test-set pass (about 2 min, assumed)")
         return run_dir, target, [job]
 
@@ -304,7 +305,7 @@ class RealWorld(World):
 
     def thi(self, run_dir, target_name, target, *, lora=True):
         suffix = "" if lora else "_nolora"
-        out = os.path.join(run_dir, "thi", target_name + suffix)
+        out = rd.thi_dir(run_dir, target_name, rd.BEST, "paper" + suffix)
         args = list(self.mllm_args)
         jobs = []
         if lora:
@@ -318,14 +319,14 @@ class RealWorld(World):
         xi = PAPER_XI.get(target, 0.5)
         argv = py("-m", "thi", "--run", run_dir, "--target", target_name, "--root", self.root,
                   *args, "--xi", _n(xi), "--lam", _n(self.lam), "--rounds", str(self.rounds),
-                  "--out", out, "--cache-dir", os.path.join(run_dir, "mllm_cache" + suffix),
+                  "--out", out, "--cache-dir", rd.mllm_cache_dir(run_dir) + suffix,
                   "--no-progress")
         return out, jobs + [Job(f"THI{'' if lora else ' (no LoRA)'} {os.path.basename(run_dir)} -> {target}",
-                                argv, os.path.join(out, "cost.json"), seconds=self._thi_seconds(target),
+                                argv, os.path.join(out, rd.THI_COST), seconds=self._thi_seconds(target),
                                 basis=REAL_BASIS)]
 
     def sweep(self, run_dir, target_name, target):
-        out = os.path.join(run_dir, "thi", target_name, "sweep")
+        out = rd.thi_dir(run_dir, target_name, rd.BEST, "sweep")
         try:
             flags, tjobs = self.tuned_mllm()
         except Unavailable as exc:
@@ -334,10 +335,10 @@ class RealWorld(World):
         argv = py("-m", "thi", "sweep", "--run", run_dir, "--target", target_name, "--root",
                   self.root, *args, "--lams", self.sweep_lams, "--xis", self.sweep_xis,
                   "--rounds", str(self.rounds), "--out", out,
-                  "--cache-dir", os.path.join(run_dir, "mllm_cache"), "--no-progress")
+                  "--cache-dir", rd.mllm_cache_dir(run_dir), "--no-progress")
         n_xi = len(self.sweep_xis.split(","))
         return out, tjobs + [Job(f"THI sweep {os.path.basename(run_dir)} -> {target}", argv,
-                         os.path.join(out, "sweep.json"),
+                         os.path.join(out, rd.THI_SWEEP),
                          seconds=self._thi_seconds(target) * (1 + 0.2 * (n_xi - 1)),
                          basis=REAL_BASIS + "; later xi reuse the cached localization answers")]
 
@@ -471,10 +472,10 @@ class MiniWorld(World):
                                   f"mini config to another domain")
             pre_run, pjobs = self.train("RDE", src)
             jobs += pjobs
-            over.append(f"init_checkpoint={os.path.join(pre_run, 'best.pth')}")
+            over.append(f"init_checkpoint={rd.checkpoint_path(pre_run, rd.BEST)}")
         argv = py("train.py", "--config", self.train_config, "--run-dir", run, "--no-progress", *over)
         secs = self._pairs(dataset) * self._epochs() * float(self.secs.get("per_pair_epoch", 0.0))
-        jobs.append(Job(f"train {name}", argv, os.path.join(run, "eval", "SynthPEDES", "metrics.json"),
+        jobs.append(Job(f"train {name}", argv, rd.eval_file(run, "SynthPEDES"),
                         seconds=secs, basis=self.basis()))
         return run, jobs
 
@@ -487,9 +488,9 @@ class MiniWorld(World):
         job = Job(f"evaluate {os.path.basename(run_dir)} on the {target} domain",
                   py("test.py", erun, f"root_dir={self.root(target)}", "anno_file=null",
                      "noisy_rate=0.0", "init_checkpoint=null", "--weights",
-                     os.path.join(run_dir, "best.pth"), "--config",
-                     os.path.join(run_dir, "config.yaml"), "--no-progress"),
-                  os.path.join(erun, "eval", "SynthPEDES", "metrics.json"),
+                     rd.checkpoint_path(run_dir, rd.BEST), "--config",
+                     rd.config_path(run_dir), "--no-progress"),
+                  rd.eval_file(erun, "SynthPEDES"),
                   seconds=self._queries(target) * float(self.secs.get("per_eval_query", 0.0)),
                   basis=self.basis())
         return erun, "SynthPEDES", self.prepare(target) + [job]
@@ -498,7 +499,7 @@ class MiniWorld(World):
         if self.xi != "auto":
             return _n(float(self.xi))
         return Lazy(lambda: f"{results.xi_of_run(run_dir, target_name):.4f}",
-                    f"<xi: Fig. 3 crossover of {run_dir}/eval/{target_name}>")
+                    f"<xi: Fig. 3 crossover of {rd.eval_dir(run_dir, target_name)}>")
 
     def _thi_common(self, run_dir, target_name, target, error_rate):
         d = self.domains[target]
@@ -508,14 +509,14 @@ class MiniWorld(World):
 
     def thi(self, run_dir, target_name, target, *, lora=True):
         suffix = "" if lora else "_nolora"
-        out = os.path.join(run_dir, "thi", target_name + suffix)
+        out = rd.thi_dir(run_dir, target_name, rd.BEST, "paper" + suffix)
         err = self.error_rate if lora else self.nolora_error_rate
         argv = py("-m", "thi", *self._thi_common(run_dir, target_name, target, err),
                   "--xi", self.xi_arg(run_dir, target_name), "--lam", _n(self.lam), "--out", out,
-                  "--cache-dir", os.path.join(run_dir, "mllm_cache" + suffix))
+                  "--cache-dir", rd.mllm_cache_dir(run_dir) + suffix)
         secs = self._queries(target) * self.rounds * float(self.secs.get("per_thi_query", 0.0))
         return out, [Job(f"THI{'' if lora else ' (MLLM without LoRA: error rate ' + _n(err) + ')'} "
-                         f"{os.path.basename(run_dir)}", argv, os.path.join(out, "cost.json"),
+                         f"{os.path.basename(run_dir)}", argv, os.path.join(out, rd.THI_COST),
                          seconds=secs, basis=self.basis())]
 
     def sweep(self, run_dir, target_name, target):
@@ -528,10 +529,10 @@ class MiniWorld(World):
             top1 = ev["similarity"].max(axis=1)
             return ",".join(f"{float(np.quantile(top1, q)):.4f}" for q in qs)
 
-        out = os.path.join(run_dir, "thi", target_name, "sweep")
+        out = rd.thi_dir(run_dir, target_name, rd.BEST, "sweep")
         argv = py("-m", "thi", "sweep", *self._thi_common(run_dir, target_name, target, self.error_rate),
                   "--lams", lams, "--xis", Lazy(xis, f"<top-1 similarity quantiles {qs}>"),
-                  "--out", out, "--cache-dir", os.path.join(run_dir, "mllm_cache"))
+                  "--out", out, "--cache-dir", rd.mllm_cache_dir(run_dir))
         secs = self._queries(target) * self.rounds * len(qs) * float(self.secs.get("per_thi_query", 0.0))
         return out, [Job(f"THI sweep {os.path.basename(run_dir)}", argv,
-                         os.path.join(out, "sweep.json"), seconds=secs, basis=self.basis())]
+                         os.path.join(out, rd.THI_SWEEP), seconds=secs, basis=self.basis())]

@@ -25,17 +25,18 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from utils import run_dir as rd  # noqa: E402
 from utils.determinism import DEFAULT_THREADS  # noqa: E402
 
 
 def thi_command(run_dir: str, target: str, data_root: str, attributes: str, xi: float,
                 progress: bool) -> list[str]:
     """The demo's ``python -m thi`` command. Its xi is the demo's own, so it writes its own
-    folder (``RUN/thi/TARGET/demo``): the commands of docs/THI.md, with the paper's xi, then
+    folder (``RUN/thi/TARGET/best/demo``): the commands of docs/THI.md, with the paper's xi, then
     run after it instead of meeting a folder of other settings."""
     cmd = [sys.executable, "-m", "thi", "--run", run_dir, "--target", target, "--root", data_root,
            "--backend", "simulated", "--attributes", attributes, "--xi", f"{xi:.4f}",
-           "--out", os.path.join(run_dir, "thi", target, "demo")]
+           "--out", rd.thi_dir(run_dir, target, rd.BEST, "demo")]
     return cmd if progress else cmd + ["--no-progress"]
 
 
@@ -76,11 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config("configs/synthpedes_mini.yaml",
                       ["name=demo_synthpedes", f"root_dir={data_root}", f"output_dir={os.path.join(args.work, 'runs')}",
                        f"pretrain_choice={clip_path}", f"seed={args.seed}", "resume=true", *args.overrides])
-    run_dir = os.path.join(cfg.output_dir, cfg.name)
+    run_dir = rd.default_run_dir(cfg)
     print(f"[demo] fine-tuning {run_dir} (TAL, tau {cfg.tau}, CCD {'on' if cfg.ccd else 'off'})")
     train(cfg, run_dir, progress=progress)
-    eval_dir = os.path.join(run_dir, "eval", cfg.dataset_name)
-    if not os.path.isfile(os.path.join(eval_dir, "similarity.npy")):
+    if not rd.eval_complete(run_dir, cfg.dataset_name):
         print("[demo] evaluating the best checkpoint (python test.py)")
         evaluate_run(run_dir, progress=progress)
     if not args.skip_thi:

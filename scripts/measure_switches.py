@@ -21,6 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from utils import run_dir as rd  # noqa: E402
+
 
 def _cfg(**items):
     from utils.config import load_config
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
                   img_size=[64, 32], tse_embed_dim=64, batch_size=32, test_batch_size=128, num_workers=0,
                   adam_eps=1e-8, lr_factor=2.0, log_period=1000, device="cpu", save_eval=False)
     warm = os.path.join(out, "warm")
-    if not os.path.isfile(os.path.join(warm, "best.pth")):
+    if not os.path.isfile(rd.checkpoint_path(warm, rd.BEST)):
         print(f"warm start: InfoNCE on clean pairs, {args.warm_epochs} epochs", flush=True)
         train(_cfg(**common, loss_names="InfoNCE", temperature=0.07, ccd=False, lr=2e-3, img_aug=False,
                    txt_aug=False, num_epoch=args.warm_epochs, warmup_epochs=1, eval_period=args.warm_epochs,
@@ -64,13 +66,13 @@ def main(argv=None) -> int:
                                                   ("train", "release_icl"), ("eval_transform", "train_loader")):
         name = f"{mode}_{ccd_pass}_s{seed}"
         run = os.path.join(out, name)
-        result = os.path.join(run, "metrics.json")
+        result = rd.metrics_path(run)
         if not os.path.isfile(result) or json.load(open(result))["epochs"][-1]["epoch"] < args.epochs:
             print(f"run {name}", flush=True)
             train(_cfg(**common, loss_names="InfoNCE", temperature=0.07, lr=1e-4, warmup_epochs=0,
                        num_epoch=args.epochs, eval_period=args.epochs, img_aug=True, txt_aug=True,
                        noisy_rate=args.noisy_rate, noisy_file=os.path.join(out, f"noise_{args.noisy_rate}.npy"), noise_draw=True,
-                       init_checkpoint=os.path.join(warm, "best.pth"), train_mode=mode, ccd_loss_pass=ccd_pass,
+                       init_checkpoint=rd.checkpoint_path(warm, rd.BEST), train_mode=mode, ccd_loss_pass=ccd_pass,
                        seed=seed), run, progress=False)
         epochs = json.load(open(result))["epochs"]
         last = epochs[-1]

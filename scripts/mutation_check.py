@@ -101,10 +101,10 @@ MUTATIONS: list[Mutation] = [
     M("tse-text-sot-selectable", "model/tse.py", "        word[:, 0] = False\n", "",
       P_TSE, "text TSE may pick SOT"),
     # ---------------------------------------------------------------- RDE, retrieval
-    M("rda-term-without-gamma", "model/rde.py", "out[name] = loss * aug_gamma if \"aug\" in name else loss",
+    M("rda-term-without-gamma", "model/rde.py", "out[name] = loss * aug_gamma if name in RDA_TERMS else loss",
       "out[name] = loss", (P_GRAD,), "the RDA term at full weight all training long"),
-    M("rda-gamma-min-for-max", "model/rde.py", "return max(minimum, start - decay * epoch)",
-      "return min(minimum, start - decay * epoch)", (P_TRAIN,),
+    M("rda-gamma-min-for-max", "processor/rda_schedule.py", "return max(float(cfg.rda_gamma_min)",
+      "return min(float(cfg.rda_gamma_min)", (P_TRAIN,),
       "the RDA weight stuck at its floor"),
     M("ccd-weights-not-applied", "model/rde.py", "total = (w_local * per_local).sum()", "total = per_local.sum()",
       (P_GRAD,), "CCD's labels never reach the loss: no defence against noisy pairs"),
@@ -133,8 +133,8 @@ MUTATIONS: list[Mutation] = [
     M("train-weights-misindexed", "processor/trainer.py", "w = weights[batch[\"index\"].cpu().long()].to(device)",
       "w = weights[:batch[\"index\"].shape[0]].to(device)", (P_TRAIN,),
       "each batch gets the first pairs' CCD weights"),
-    M("train-gamma-epoch-0", "processor/trainer.py", "gamma = rda_gamma(epoch, cfg.rda_gamma_start",
-      "gamma = rda_gamma(0, cfg.rda_gamma_start", (P_TRAIN,), "the RDA weight never decays"),
+    M("train-gamma-epoch-0", "processor/trainer.py", "gamma = rda_gamma(epoch, cfg)",
+      "gamma = rda_gamma(0, cfg)", (P_TRAIN,), "the RDA weight never decays"),
     M("train-best-by-lower-r1", "processor/trainer.py", "if r1 > history.best_r1:", "if r1 < history.best_r1:",
       ("tests/test_train.py::test_resume_is_bit_identical",), "best.pth never written / wrong epoch"),
     # ---------------------------------------------------------------- the paper's recipe (docs/DEVIATIONS.md)
@@ -151,7 +151,7 @@ MUTATIONS: list[Mutation] = [
       ("tests/test_recipe.py",), "an ICL config silently trains plain RDE"),
     M("recipe-train-mode-ignored", "processor/trainer.py", "net.train(cfg.train_mode == \"train\")", "net.train()",
       ("tests/test_recipe.py",), "release_icl updates BatchNorm statistics"),
-    M("recipe-ccd-pass-ignored", "processor/trainer.py", "    if cfg.ccd_loss_pass == \"train_loader\":", "    if False:",
+    M("recipe-ccd-pass-ignored", "processor/ccd_epoch.py", "    if cfg.ccd_loss_pass == \"train_loader\":", "    if False:",
       ("tests/test_recipe.py",), "the paper configs' CCD pass is the test transform"),
     # ---------------------------------------------------------------- RDA data
     M("rda-view-is-original", "datasets/bases.py", "aug_caption = draw_rda_caption(self.rda[index], rng)",

@@ -329,7 +329,7 @@ def test_export_is_replayed_by_python_m_thi(api, run_dir, synth_root, evald, tmp
                  "--queries", str(path)]) == 0
     import glob
 
-    found = glob.glob(os.path.join(run_dir, "thi", "SynthPEDES", "*", "queries", "my_search"))
+    found = glob.glob(os.path.join(run_dir, "thi", "SynthPEDES", "best", "*", "queries", "my_search"))
     assert len(found) == 1, found  # RUN/thi/TARGET/<MLLM label>/queries/<file name>
     out = found[0]
     rows = [json.loads(x) for x in open(os.path.join(out, "queries.jsonl"))]

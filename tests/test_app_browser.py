@@ -63,13 +63,16 @@ def copied_run(trained_run, synth_root, tmp_path_factory):
 
     run = str(tmp_path_factory.mktemp("copied") / "run")
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("mllm_cache", "thi"))
-    for rel in ("config.yaml", os.path.join("eval", "SynthPEDES", "image_paths.json")):
+    from utils.run_dir import seal_config
+
+    for rel in ("config.yaml", os.path.join("eval", "SynthPEDES", "best", "image_paths.json")):
         path = os.path.join(run, rel)
         with open(path) as f:
             text = f.read()
         assert synth_root in text, rel
         with open(path, "w") as f:
             f.write(text.replace(synth_root, OLD_ROOT))
+    seal_config(os.path.join(run, "config.yaml"))  # edited on purpose: sealed again
     return run
 
 
@@ -144,8 +147,8 @@ def _pick_query(server, run_dir, low=3, high=15):
     """A test query whose target's best rank is in [low, high] (via the API)."""
     import httpx
 
-    captions = json.load(open(os.path.join(run_dir, "eval", "SynthPEDES", "captions.json")))
-    q_pids = np.load(os.path.join(run_dir, "eval", "SynthPEDES", "q_pids.npy"))
+    captions = json.load(open(os.path.join(run_dir, "eval", "SynthPEDES", "best", "captions.json")))
+    q_pids = np.load(os.path.join(run_dir, "eval", "SynthPEDES", "best", "q_pids.npy"))
     for q in range(len(captions)):
         d = httpx.post(server + "/api/search", data={"kind": "text", "text": captions[q],
                                                      "target_pid": str(int(q_pids[q])),
@@ -205,7 +208,7 @@ def test_type_confirm_and_see_the_target_move_up(page, server, trained_run):
 def test_every_query_kind_in_the_page(page, trained_run):
     from thi.app.attributes import attributes_to_text
 
-    image_paths = json.load(open(os.path.join(trained_run, "eval", "SynthPEDES",
+    image_paths = json.load(open(os.path.join(trained_run, "eval", "SynthPEDES", "best",
                                               "image_paths.json")))
     page.check("#kind-attributes")
     assert page.is_visible("#attr-gender") and not page.is_visible("#text")
@@ -308,7 +311,7 @@ def test_results_are_marked_stale_after_an_error(page):
 
 
 def test_mllm_judge_off_for_image_only_and_a_second_identity_warns(page, trained_run):
-    image_paths = json.load(open(os.path.join(trained_run, "eval", "SynthPEDES",
+    image_paths = json.load(open(os.path.join(trained_run, "eval", "SynthPEDES", "best",
                                               "image_paths.json")))
     page.check("#kind-image")
     page.set_input_files("#image", image_paths[6])

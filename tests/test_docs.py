@@ -99,7 +99,7 @@ def demo_repo(tmp_path_factory) -> str:
     assert rc == 0, out
     print(f"[docs] demo state built with {cpu:.0f} s of CPU")
     for path in ("work/data/SynthPEDES/reid_raw.json", "work/pretrained/tiny_clip_synthpretrain.pt",
-                 "work/runs/demo_synthpedes/best.pth", "work/runs/demo_synthpedes/eval/SynthPEDES/similarity.npy"):
+                 "work/runs/demo_synthpedes/best.pth", "work/runs/demo_synthpedes/eval/SynthPEDES/best/similarity.npy"):
         assert os.path.exists(os.path.join(repo, path)), path
     return repo
 

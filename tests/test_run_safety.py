@@ -111,7 +111,7 @@ def test_resume_after_kill_cleans_temp_files_and_keeps_one_tensorboard_stream(ru
     cfg, run = run_copy
     # A write killed mid-way leaves its temp file (up to a checkpoint's size) in the run folder.
     stale = [os.path.join(run, ".tmp-k1ll3d"), os.path.join(run, "ccd", ".tmp-x0"),
-             os.path.join(run, "eval", "SynthPEDES", ".tmp-y1")]
+             os.path.join(run, "eval", "SynthPEDES", "best", ".tmp-y1")]
     for path in stale:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as f:

@@ -42,7 +42,7 @@ def test_scorer_reproduces_the_runs_similarity(run_dir):
 
 def test_cli_runs_thi_and_writes_outputs(run_dir, synth_root, capsys):
     assert main(_args(run_dir, synth_root, "--rounds", "3")) == 0
-    out = os.path.join(run_dir, "thi", "SynthPEDES", "simulated")  # per backend and model
+    out = os.path.join(run_dir, "thi", "SynthPEDES", "best", "simulated")  # per checkpoint and MLLM
     for name in ("rounds.json", "rounds.csv", "final_similarity.npy", "rankings.npy",
                  "queries.jsonl", "cost.json", "thi.log", "state.json"):
         assert os.path.isfile(os.path.join(out, name)), name
@@ -51,7 +51,7 @@ def test_cli_runs_thi_and_writes_outputs(run_dir, synth_root, capsys):
     assert "unparseable loc/vqa/aggr" in printed
     rounds = json.load(open(os.path.join(out, "rounds.json")))
     assert len(rounds["rounds"]) == 3
-    sim = np.load(os.path.join(run_dir, "eval", "SynthPEDES", "similarity.npy"))
+    sim = np.load(os.path.join(run_dir, "eval", "SynthPEDES", "best", "similarity.npy"))
     final = np.load(os.path.join(out, "final_similarity.npy"))
     assert final.shape == sim.shape
     cost = json.load(open(os.path.join(out, "cost.json")))
@@ -144,7 +144,7 @@ def test_docs_simulated_command_runs_after_the_demo(run_dir, synth_root, capsys)
             "simulated", "--device", "cpu", "--no-progress", "--rounds", "3"]
     assert main(docs) == 0
     assert main(docs + ["--error-rate", "0.1"]) == 0  # another simulated MLLM: its own folder
-    thi = os.path.join(run_dir, "thi", "SynthPEDES")
+    thi = os.path.join(run_dir, "thi", "SynthPEDES", "best")
     assert {"demo", "simulated", "simulated-err0.1-seed0"} <= set(os.listdir(thi))
     # Into the demo's folder with other settings: refused, saying what differs and what to do
     # (one message and exit 2 since issue 28 #12, no longer a ValueError's traceback).
@@ -183,7 +183,8 @@ def test_empty_query_in_eval_folder_names_the_file(run_dir, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(os.path.join(run_dir, "eval"), run / "eval")
-    path = run / "eval" / "SynthPEDES" / "captions.json"
+    shutil.copyfile(os.path.join(run_dir, "best.pth"), run / "best.pth")  # the evaluation's checkpoint
+    path = run / "eval" / "SynthPEDES" / "best" / "captions.json"
     captions = json.load(open(path))
     captions[5] = ""
     path.write_text(json.dumps(captions))
@@ -204,7 +205,7 @@ def test_run_vllm_icl_script_writes_the_backends_own_folder(run_dir, synth_root)
                           env={**os.environ, "PYTHON": sys.executable}, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = os.path.join(run_dir, "thi", "SynthPEDES", "simulated")
+    out = os.path.join(run_dir, "thi", "SynthPEDES", "best", "simulated")
     assert f"THI results in {out}" in proc.stdout
     assert os.path.isfile(os.path.join(out, "final_similarity.npy"))
     assert not os.path.exists(os.path.join(run_dir, "thi", "SynthPEDES", "state.json"))

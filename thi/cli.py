@@ -5,23 +5,24 @@
     python -m thi sweep --run runs/RDE_cuhk --target CUHK-PEDES --root data --backend simulated \
         --lams 0.5,0.6,0.7,0.8,0.9 --xis 0.4,0.45,0.5,0.55,0.6
 
-The run must have been evaluated on the target first (``python test.py RUN --dataset TARGET
---root ROOT`` writes ``RUN/eval/TARGET/``); THI reads the base similarity, ids, captions, image
-paths and gallery features from there and re-encodes refined queries with the run's model.
+The run's checkpoint must have been evaluated on the target first (``python test.py RUN
+--dataset TARGET --root ROOT`` writes ``RUN/eval/TARGET/best/``); THI reads the base similarity,
+ids, captions, image paths and gallery features of that checkpoint's evaluation (refused when it
+was made from another checkpoint) and re-encodes refined queries with the same checkpoint.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Optional
 
-import numpy as np
+from utils import run_dir as rd
 
 from utils.errors import cli_errors
 
 from .defaults import LAMBDA, ROUNDS, TARGET_XI, XI, xi_for
+from .state import SettingsChanged
 
 from utils.mllm.identity import label
 from utils.mllm.cli_options import client_options
@@ -34,15 +35,14 @@ from .queries import apply_queries, queries_subfolder
 
 BACKENDS = ("simulated", "vllm", "openai", "transformers")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
-EVAL_FILES = ("similarity.npy", "q_pids.npy", "g_pids.npy", "captions.json", "image_paths.json",
-              "gallery_feats.npz")
 
 
 def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--run", required=True, help="run directory (config.yaml, best.pth, eval/)")
     ap.add_argument("--target", help="target dataset (default: the run's own dataset)")
     ap.add_argument("--root", help="data root (default: the run's root_dir)")
-    ap.add_argument("--checkpoint", default="best.pth", help="checkpoint inside the run directory")
+    ap.add_argument("--checkpoint", default=rd.BEST, help="checkpoint inside the run directory; "
+                    "THI uses its evaluation and writes RUN/thi/TARGET/<checkpoint stem>/")
     ap.add_argument("--backend", required=True, choices=BACKENDS, help="MLLM backend")
     ap.add_argument("--model", help="MLLM directory (vllm, transformers), e.g. "
                                     "Qwen2-VL-7B-Instruct")
@@ -96,8 +96,9 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     run.add_argument("--lam", type=float, default=LAMBDA, help=f"Eq. 6's lambda (paper: {LAMBDA})")
     run.add_argument("--xi", type=float, help="threshold on the top-1 similarity (default "
                      f"{XI}; by target: {TARGET_XI})")
-    run.add_argument("--out", help="results folder (default RUN/thi/TARGET/LABEL, LABEL naming "
-                                   "the backend and model, e.g. vllm-Qwen2-VL-7B-Instruct+icl_lora)")
+    run.add_argument("--out", help="results folder (default RUN/thi/TARGET/CKPT/LABEL, CKPT the "
+                                   "checkpoint's stem (best), LABEL naming the backend and model, "
+                                   "e.g. vllm-Qwen2-VL-7B-Instruct+icl_lora)")
     run.add_argument("--eq6-one-at", default="anchor", choices=("anchor", "top1"),
                      help="where Eq. 6 sets the refined similarity to 1: the anchor (both codebases, "
                           "default) or the base top-1 image (the paper's Eq. 6 as printed)")
@@ -110,7 +111,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     _common(sweep)
     sweep.add_argument("--lams", default="0.5,0.6,0.7,0.8,0.9")
     sweep.add_argument("--xis", default="0.4,0.45,0.5,0.55,0.6")
-    sweep.add_argument("--out", help="results folder (default RUN/thi/TARGET/LABEL/sweep)")
+    sweep.add_argument("--out", help="results folder (default RUN/thi/TARGET/CKPT/LABEL/sweep)")
     for parser in (run, sweep):
         parser.add_argument("--queries", help="JSON file of one's own text queries instead of "
                                               "the target's test queries (e.g. a session "
@@ -118,29 +119,19 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     return run, sweep
 
 
-def load_eval_dir(run_dir: str, target: str, root: Optional[str]) -> dict:
-    """The eval folder of ``run_dir`` for ``target``; a missing one says how to write it."""
-    folder = os.path.join(run_dir, "eval", target)
-    missing = [f for f in EVAL_FILES if not os.path.isfile(os.path.join(folder, f))]
-    if missing:
-        cmd = f"python test.py {run_dir} --dataset {target}" + (f" --root {root}" if root else "")
-        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: run `{cmd}` first")
-    with open(os.path.join(folder, "captions.json"), encoding="utf-8") as f:
-        captions = json.load(f)
+def load_eval_dir(run_dir: str, target: str, root: Optional[str],
+                  checkpoint: str = rd.BEST) -> dict:
+    """The evaluation of ``checkpoint`` on ``target`` (``utils.run_dir.read_eval``: refused when
+    missing, garbled or made from another checkpoint, naming the file and the command)."""
+    data = rd.read_eval(run_dir, target, checkpoint, root)
+    captions = data["captions"]
     empty = [i for i, c in enumerate(captions) if not isinstance(c, str) or not c.strip()]
     if empty:
-        raise ValueError(f"{os.path.join(folder, 'captions.json')}: {len(empty)} empty queries "
-                         f"(first: #{empty[0]}); THI needs a text per query: fix the dataset's "
-                         f"annotation file and run `python test.py {run_dir} --dataset {target}` "
-                         f"again")
-    with open(os.path.join(folder, "image_paths.json"), encoding="utf-8") as f:
-        image_paths = json.load(f)
-    with np.load(os.path.join(folder, "gallery_feats.npz")) as z:
-        feats = {k: z[k] for k in z.files}
-    return {"similarity": np.load(os.path.join(folder, "similarity.npy")),
-            "q_pids": np.load(os.path.join(folder, "q_pids.npy")),
-            "g_pids": np.load(os.path.join(folder, "g_pids.npy")),
-            "captions": captions, "image_paths": image_paths, "gallery_feats": feats}
+        raise ValueError(f"{os.path.join(data['folder'], rd.EVAL_CAPTIONS)}: {len(empty)} empty "
+                         f"queries (first: #{empty[0]}); THI needs a text per query: fix the "
+                         f"dataset's annotation file and run "
+                         f"`{rd.eval_command(run_dir, target, checkpoint, root)}` again")
+    return data
 
 
 def check_tuning(args) -> None:
@@ -193,8 +184,8 @@ def _prepare(args, default_out: str):
     cfg = load_run_config(args.run)
     target = args.target or cfg.dataset_name
     root = args.root or cfg.get("root_dir")
-    data = load_eval_dir(args.run, target, root)
-    cache_dir = args.cache_dir or os.path.join(args.run, "mllm_cache")
+    data = load_eval_dir(args.run, target, root, args.checkpoint)
+    cache_dir = args.cache_dir or rd.mllm_cache_dir(args.run)
     options = backend_options(args, root, target, cache_dir)  # flag errors before any loading
     device = resolve_device(args.device)
     model, cfg = load_run(args.run, device, checkpoint=args.checkpoint)
@@ -204,8 +195,8 @@ def _prepare(args, default_out: str):
         data = apply_queries(data, args.queries, score)
         default_out = os.path.join(queries_subfolder(args.queries), default_out)
     client = build_client(args.backend, **options)
-    out = args.out or os.path.join(args.run, "thi", target, mllm_label(args),
-                                   *([default_out] if default_out else []))
+    out = args.out or rd.thi_dir(args.run, target, args.checkpoint, mllm_label(args),
+                                 *([default_out] if default_out else []))
     return target, data, score, client, out
 
 
@@ -222,33 +213,44 @@ def main(argv: Optional[list] = None) -> int:
     target, data, score, client, out = _prepare(args, "sweep" if is_sweep else "")
     progress = not args.no_progress
     common = dict(rounds=args.rounds, q_pids=data["q_pids"], g_pids=data["g_pids"], out_dir=out,
-                  temperature=args.temperature, max_tokens=args.max_tokens, progress=progress)
+                  temperature=args.temperature, max_tokens=args.max_tokens, progress=progress,
+                  checkpoint=data["checkpoint"])
     try:
-        if is_sweep:
-            from .sweep import format_sweep, parse_grid, run_sweep
-
-            result = run_sweep(data["similarity"], data["captions"], data["image_paths"], client,
-                               score, lams=parse_grid(args.lams, "--lams"),
-                               xis=parse_grid(args.xis, "--xis"), **common)
-            print(format_sweep(result))
-            print(f"sweep saved to {os.path.join(out, 'sweep.json')} and sweep.csv")
-        else:
-            from . import run_thi
-
-            xi = args.xi if args.xi is not None else xi_for(target)
-            result = run_thi(data["similarity"], data["captions"], data["image_paths"], client,
-                             score, lam=args.lam, xi=xi, ask=args.ask, one_at=args.eq6_one_at, **common)
-            if result.rounds and result.rounds[-1].get("metrics"):
-                from .report import rounds_table
-                if tuning_note(args):
-                    print(tuning_note(args))
-                print(rounds_table(result.base_metrics, result.rounds))
-            print(f"THI results in {out}: rounds.json/csv, final_similarity.npy, rankings.npy, "
-                  f"queries.jsonl, cost.json, thi.log")
-            for line in result.warnings:
-                print(f"WARNING: {line}")
+        with rd.folder_lock(out, "THI (python -m thi)"):
+            rd.clean_temp_tree(out)
+            _run(args, is_sweep, target, data, score, client, out, common)
+    except SettingsChanged as refusal:  # a refusal, not a bug: the message alone, exit 2
+        print(f"python -m thi: error: {refusal}", file=sys.stderr)
+        return 2
     finally:
         close = getattr(client, "close", None)
         if close is not None:
             close()
     return 0
+
+
+def _run(args, is_sweep: bool, target: str, data: dict, score, client, out: str, common: dict) -> None:
+    """THI or the sweep, with the results folder locked."""
+    if is_sweep:
+        from .sweep import format_sweep, parse_grid, run_sweep
+
+        result = run_sweep(data["similarity"], data["captions"], data["image_paths"], client,
+                           score, lams=parse_grid(args.lams, "--lams"),
+                           xis=parse_grid(args.xis, "--xis"), **common)
+        print(format_sweep(result))
+        print(f"sweep saved to {os.path.join(out, rd.THI_SWEEP)} and sweep.csv")
+    else:
+        from . import run_thi
+
+        xi = args.xi if args.xi is not None else xi_for(target)
+        result = run_thi(data["similarity"], data["captions"], data["image_paths"], client,
+                         score, lam=args.lam, xi=xi, ask=args.ask, one_at=args.eq6_one_at, **common)
+        if result.rounds and result.rounds[-1].get("metrics"):
+            from .report import rounds_table
+            if tuning_note(args):
+                print(tuning_note(args))
+            print(rounds_table(result.base_metrics, result.rounds))
+        print(f"THI results in {out}: rounds.json/csv, final_similarity.npy, rankings.npy, "
+              f"queries.jsonl, cost.json, thi.log")
+        for line in result.warnings:
+            print(f"WARNING: {line}")

@@ -8,7 +8,6 @@ folder the state is saved after every stage, so a killed run resumes where it st
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from contextlib import nullcontext
@@ -19,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from utils import run_dir as rd
 from utils.io import atomic_save_npy, atomic_write_json
 from utils.mllm.identity import identity_info
 from utils.mllm.parsing import parse_vqa, parse_yes_no
@@ -28,7 +28,7 @@ from utils.mllm.stages import (StageRunner, aggr_request, clean_aggregation, loc
 
 from . import defaults, gating, report
 from .rerank import check_lambda, rerank_rows
-from .state import THIState, fingerprint, load_similarity, load_state, save_state
+from .state import STATE_FILE, THIState, fingerprint, load_similarity, load_state, save_state
 
 from utils.metrics import t2i_metrics, topk
 
@@ -292,7 +292,8 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
             score_texts: Callable[[list], "np.ndarray"], *, lam: float = defaults.LAMBDA,
             xi: float = defaults.XI, rounds: int = defaults.ROUNDS, q_pids=None, g_pids=None,
             out_dir: Optional[str] = None, temperature: float = 0.01, max_tokens: int = 2048,
-            progress: bool = True, ask: str = "needed", one_at: str = "anchor") -> THIResult:
+            progress: bool = True, ask: str = "needed", one_at: str = "anchor",
+            checkpoint: Optional[dict] = None) -> THIResult:
     """Run THI (Algorithm 1 + Eq. 6) and return the re-ranked similarity, anchors and texts.
 
     ``similarity``: base [Q, G] (tensor or array); ``captions``: the Q queries;
@@ -303,7 +304,9 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
     log on the console. ``ask`` picks which queries are asked the localization question
     (``gating.ASK_SCHEMES``; all give the same anchors). ``one_at``: where Eq. 6 sets the refined
     similarity to 1: ``anchor`` (both codebases) or ``top1`` (the paper's Eq. 6 as printed: the
-    query's top-1 image of the base ranking).
+    query's top-1 image of the base ranking). ``checkpoint``: the model's identity
+    (``utils.run_dir.checkpoint_identity``), part of the fingerprint: another checkpoint never
+    gets this folder's results.
     """
     sim_base = _as_matrix(similarity)
     captions = [str(c) for c in captions]
@@ -318,7 +321,8 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
     # The MLLM's identity belongs to the results: another model never gets this folder's results.
     fp = fingerprint(sim_base, captions, image_paths, lam=lam, xi=xi, rounds=rounds, ask=ask,
                      temperature=float(temperature), max_tokens=int(max_tokens),
-                     mllm=identity_info(client), **({} if one_at == "anchor" else {"one_at": one_at}))
+                     mllm=identity_info(client), **({} if one_at == "anchor" else {"one_at": one_at}),
+                     **({"checkpoint": checkpoint} if checkpoint else {}))
     state = None
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
@@ -328,7 +332,7 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
                                 console=progress)
     try:
         state = _start_state(state, fp, sim_base.shape[0], rounds, out_dir, logger)
-        cost_file = os.path.join(out_dir, "cost.json") if out_dir else ""
+        cost_file = os.path.join(out_dir, rd.THI_COST) if out_dir else ""
         finished_before = state.finished(rounds) and os.path.isfile(cost_file)
         sim = load_similarity(out_dir, state, sim_base) if out_dir else sim_base.copy()
         if metrics is not None and state.base_metrics is None:
@@ -343,8 +347,8 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
         _run_rounds(run, rounds, progress, logger)
         cost = None
         if finished_before:  # keep the finished run's own report (client counters included)
-            with open(cost_file, encoding="utf-8") as f:
-                cost = json.load(f)
+            cost = rd.read_json(cost_file, f"delete it and {STATE_FILE} beside it to run THI "
+                                           f"again, or pass another --out")
         result = _result(run, client, cost)
         if out_dir and not finished_before:
             _write_outputs(out_dir, state, result, captions, image_paths, run.cands, run.top1)
@@ -421,7 +425,7 @@ def _write_outputs(out_dir: str, state: THIState, result: THIResult, captions, i
                    cands: np.ndarray, top1: np.ndarray) -> None:
     """Final similarity, top-10 rankings, per-query records, per-round metrics and the cost
     report; the state then points at final_similarity.npy (the run is complete)."""
-    atomic_save_npy(os.path.join(out_dir, "final_similarity.npy"), result.similarity)
+    atomic_save_npy(os.path.join(out_dir, rd.THI_FINAL_SIMILARITY), result.similarity)
     k = min(TOP_K_SAVED, result.similarity.shape[1])
     atomic_save_npy(os.path.join(out_dir, "rankings.npy"), topk(result.similarity, k)[1].numpy())
     rows = []
@@ -434,10 +438,10 @@ def _write_outputs(out_dir: str, state: THIState, result: THIResult, captions, i
                      "top1_similarity": float(top1[q]), "candidates": cands[q].tolist()})
     report.write_queries(out_dir, rows)
     report.write_rounds(out_dir, result.base_metrics, result.rounds)
-    atomic_write_json(os.path.join(out_dir, "cost.json"), result.cost)
-    if state.similarity_file != "final_similarity.npy":
+    atomic_write_json(os.path.join(out_dir, rd.THI_COST), result.cost)
+    if state.similarity_file != rd.THI_FINAL_SIMILARITY:
         old = state.similarity_file
-        state.similarity_file = "final_similarity.npy"
+        state.similarity_file = rd.THI_FINAL_SIMILARITY
         save_state(out_dir, state)
         if old:
             try:

@@ -10,6 +10,7 @@ import os
 from typing import Mapping, Optional, Sequence
 
 from utils.io import atomic_write_json, atomic_write_text
+from utils import run_dir as rd
 
 from utils.metrics import metrics_table
 from prettytable import PrettyTable
@@ -81,7 +82,7 @@ def _flat_round(rec: Mapping) -> dict:
 def write_rounds(out_dir: str, base_metrics: Optional[Mapping], records: Sequence[Mapping]) -> None:
     """``rounds.json`` (base metrics and every round's record) and ``rounds.csv`` (one row per
     round, round 0 = the base model)."""
-    atomic_write_json(os.path.join(out_dir, "rounds.json"),
+    atomic_write_json(os.path.join(out_dir, rd.THI_ROUNDS),
                       {"base": base_metrics, "rounds": list(records)})
     rows = []
     if base_metrics is not None:

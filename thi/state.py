@@ -26,8 +26,9 @@ import numpy as np
 
 from utils.errors import ProjectError
 from utils.io import atomic_save_npy, atomic_write_json
+from utils import run_dir as rd
 
-STATE_FILE = "state.json"
+STATE_FILE = rd.THI_STATE
 
 
 class SettingsChanged(ProjectError, ValueError):

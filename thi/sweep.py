@@ -15,6 +15,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from utils import run_dir as rd
+
 from . import defaults, report
 from .pipeline import _score, run_thi
 from .rerank import check_lambda, rerank
@@ -50,7 +52,7 @@ def run_sweep(similarity, captions: Sequence[str], image_paths: Sequence[str], c
               score_texts: Callable, *, lams: Sequence[float], xis: Sequence[float],
               rounds: int = defaults.ROUNDS, q_pids=None, g_pids=None, out_dir: Optional[str] = None,
               temperature: float = 0.01, max_tokens: int = 2048,
-              progress: bool = True) -> SweepResult:
+              progress: bool = True, checkpoint: Optional[dict] = None) -> SweepResult:
     """Evaluate every (xi, lambda) pair; with ``out_dir`` each xi's THI run lives (resumable)
     in ``out_dir/xi<xi>_lam<first lambda>`` and the grid is saved as sweep.json / sweep.csv."""
     lams = [check_lambda(v) for v in lams]
@@ -67,7 +69,8 @@ def run_sweep(similarity, captions: Sequence[str], image_paths: Sequence[str], c
         sub = os.path.join(out_dir, f"xi{xi:g}_lam{lams[0]:g}") if out_dir else None
         res = run_thi(base, captions, image_paths, client, score_texts, lam=lams[0], xi=xi,
                       rounds=rounds, q_pids=q_pids, g_pids=g_pids, out_dir=sub,
-                      temperature=temperature, max_tokens=max_tokens, progress=progress)
+                      temperature=temperature, max_tokens=max_tokens, progress=progress,
+                      checkpoint=checkpoint)
         result.base = res.base_metrics
         result.calls[xi] = {"requests": res.cost["calls_total"]["all"],
                             "uncached": res.cost["uncached_total"]["all"]}
@@ -101,7 +104,7 @@ def format_sweep(result: SweepResult) -> str:
 def write_sweep(out_dir: str, result: SweepResult) -> None:
     """``sweep.json`` (everything) and ``sweep.csv`` (one row per grid point)."""
     points = [{"xi": xi, "lam": lam, **v} for (xi, lam), v in result.grid.items()]
-    atomic_write_json(os.path.join(out_dir, "sweep.json"),
+    atomic_write_json(os.path.join(out_dir, rd.THI_SWEEP),
                       {"lams": result.lams, "xis": result.xis, "base": result.base,
                        "points": points,
                        "calls": [{"xi": xi, **c} for xi, c in result.calls.items()]})

@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "distributed": False,        # set by train.py when started by torchrun (WORLD_SIZE > 1)
     "sync_bn": True,             # under DDP: BatchNorm statistics over the global batch (processor/sync_bn.py);
                                  # false: each GPU's share (matters with train_mode: train)
-    "save_eval": True,           # write eval/<dataset>/ for the best epoch (THI reads it)
+    "save_eval": True,           # write eval/<dataset>/best/ for the best epoch (THI reads it)
     # data
     "dataset_name": "CUHK-PEDES",
     "root_dir": "data",
@@ -323,17 +323,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
 
 
 def save_config(cfg: dict, path: str | os.PathLike) -> None:
-    """Write the resolved config atomically."""
-    atomic_write_text(path, yaml.safe_dump(dict(cfg), sort_keys=False))
+    """Write the resolved config atomically, sealed (``utils.run_dir.config_text``)."""
+    from utils.run_dir import config_text  # run_dir imports this module
+
+    atomic_write_text(path, config_text(cfg))
 
 
 def load_run_config(run_dir: str | os.PathLike) -> Config:
-    """The resolved config a run saved; missing keys (older runs) take today's defaults."""
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory written by train.py?")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    """The resolved config a run saved (refused when cut short, naming the file); missing keys
+    (older runs) take today's defaults."""
+    from utils.run_dir import read_saved_config
+
+    data = read_saved_config(run_dir)
     cfg = copy.deepcopy(DEFAULTS)
     cfg.update(data)
     return Config(cfg)

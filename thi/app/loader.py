@@ -1,5 +1,6 @@
 """A ``SearchEngine`` from a run directory: the model rebuilt like ``test.py`` does, the gallery
-features read from ``RUN/eval/DATASET/`` when present, else computed once at start-up."""
+features read from the checkpoint's evaluation (``RUN/eval/DATASET/<checkpoint>/``, through
+``utils.run_dir``) when present, else computed once at start-up."""
 from __future__ import annotations
 
 import logging
@@ -8,32 +9,33 @@ from typing import Optional
 
 import numpy as np
 
-from .engine import SearchEngine
+from utils import run_dir as rd
 
-from ..cli import EVAL_FILES, backend_options, load_eval_dir
 from datasets import build_eval_loaders
-from model.features import extract_image_features
 from model import load_run
+from model.features import extract_image_features
 from utils.config import load_run_config
 from utils.device import resolve_amp, resolve_device
 from utils.mllm import build_client
-from ..scoring import make_score_images, make_score_texts
+from utils.mllm.cli_options import client_options
 
+from ..scoring import make_score_images, make_score_texts
+from .engine import SearchEngine
 from .paths import relocate_image_paths
 
 logger = logging.getLogger("ICL.app")
 
 
-def gallery_from_eval_dir(run_dir: str, dataset: str) -> Optional[dict]:
-    """The saved gallery of ``RUN/eval/DATASET`` (features, paths, ids, test queries) or None
-    when that folder is incomplete."""
-    folder = os.path.join(run_dir, "eval", dataset)
-    if not all(os.path.isfile(os.path.join(folder, f)) for f in EVAL_FILES):
+def gallery_from_eval_dir(run_dir: str, dataset: str, checkpoint: str = rd.BEST) -> Optional[dict]:
+    """The saved gallery of the checkpoint's evaluation on ``dataset`` (features, paths, ids,
+    test queries) or None when there is none; one of another checkpoint is refused."""
+    if not rd.eval_complete(run_dir, dataset, checkpoint):
         return None
-    data = load_eval_dir(run_dir, dataset, None)
+    data = rd.read_eval(run_dir, dataset, checkpoint)
     return {"feats": data["gallery_feats"], "image_paths": data["image_paths"],
             "g_pids": data["g_pids"],
-            "examples": list(zip(data["captions"], data["q_pids"].tolist())), "source": folder}
+            "examples": list(zip(data["captions"], data["q_pids"].tolist())),
+            "source": data["folder"]}
 
 
 def gallery_from_dataset(model, cfg, dataset: str, root: Optional[str], device, amp,
@@ -63,15 +65,16 @@ def build_engine(args) -> SearchEngine:
     root = args.root or cfg.get("root_dir")
     client = None
     if args.backend != "none":
-        cache_dir = args.cache_dir or os.path.join(args.run, "mllm_cache")
-        options = backend_options(args, root, dataset, cache_dir)  # flag errors before loading
+        cache_dir = args.cache_dir or rd.mllm_cache_dir(args.run)
+        # flag errors before loading (the simulated backend's attributes: ROOT/DATASET/)
+        options = client_options(args, os.path.join(root, dataset) if root else None, cache_dir)
     device = resolve_device(args.device)
     model, cfg = load_run(args.run, device, checkpoint=args.checkpoint)
     amp = resolve_amp(cfg.get("amp"), device)
-    gallery = gallery_from_eval_dir(args.run, dataset)
+    gallery = gallery_from_eval_dir(args.run, dataset, args.checkpoint)
     if gallery is None:
         logger.info("no complete %s: computing the gallery features of %s once",
-                    os.path.join(args.run, "eval", dataset), dataset)
+                    rd.eval_dir(args.run, dataset, args.checkpoint), dataset)
         gallery = gallery_from_dataset(model, cfg, dataset, root, device, amp,
                                        progress=not args.no_progress)
 

@@ -229,9 +229,12 @@ def _public_info(engine: SearchEngine) -> dict:
     info = dict(engine.info)
     info["run"] = engine.run_name
     source = str(info.get("gallery_source", ""))
-    if os.path.isabs(source):  # RUN/eval/DATASET: show it from the run's name
-        info["gallery_source"] = os.path.join(engine.run_name or "", "eval",
-                                              os.path.basename(source))
+    run = str(engine.info.get("run", ""))
+    if os.path.isabs(source) and run and source.startswith(run + os.sep):
+        # the checkpoint's evaluation inside the run: show it from the run's name
+        info["gallery_source"] = os.path.join(engine.run_name or "", os.path.relpath(source, run))
+    elif os.path.isabs(source):
+        info["gallery_source"] = os.path.basename(source)
     return {**info, "gallery_size": engine.num_gallery, "kinds": list(KINDS),
             "lam": engine.lam, "image_weight": engine.default_image_weight,
             "top_k": engine.top_k, "max_top_k": MAX_TOP_K, "max_rounds": engine.max_rounds,
