@@ -211,6 +211,23 @@ MUTATIONS: list[Mutation] = [
       "captions = permute_captions([item[3] for item in train], index)",
       "captions = [item[3] for item in train]", ("tests/test_loaders.py",),
       "training data clean although noise is reported"),
+    # ---------------------------------------------------------------- the mini paper's evidence
+    M("repro-verdict-ignores-interval", "repro/stats.py", "    if lo <= 0.0 <= hi:\n",
+      "    if lo == hi == 0.0:\n", ("tests/test_repro.py::test_verdict_only_with_an_interval_that_excludes_zero",),
+      "an effect whose interval includes 0 is called the paper's direction"),
+    M("repro-verdict-ignores-paper-sign", "repro/stats.py", "return \"paper's direction\" if (lo > 0) == (paper > 0)",
+      "return \"paper's direction\" if lo > 0", ("tests/test_repro.py::test_verdict_only_with_an_interval_that_excludes_zero",),
+      "a shown effect against the paper's sign is reported as agreeing"),
+    M("repro-cache-ignores-config", "repro/jobs.py", "        if rec.get(\"identity\") != self.key():\n",
+      "        if False:\n", ("tests/test_repro.py::test_a_result_made_by_another_config_is_not_reused",),
+      "a result made by another configuration is reused as [cached]"),
+    M("simulated-profile-loc-ignores-truth", "utils/mllm/simulated.py",
+      "p = self.profile[\"loc_yes_true\" if match else \"loc_yes_false\"]", "p = self.profile[\"loc_yes_true\"]",
+      ("tests/test_mllm_simulated.py::test_error_profile_answers_at_the_measured_rates_deterministically",),
+      "the calibrated MLLM says Yes as often to wrong pairs as to right ones"),
+    M("simulated-concise-no-budget", "utils/mllm/simulated.py", "            if n <= budget:\n",
+      "            if True:\n", ("tests/test_mllm_simulated.py::test_concise_aggregation_stays_within_the_text_length",),
+      "the concise aggregation ignores the text length"),
 ]
 
 

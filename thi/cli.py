@@ -51,6 +51,12 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--error-rate", type=float, default=0.0, help="simulated backend: answer "
                                                                   "error probability")
     ap.add_argument("--seed", type=int, default=0, help="simulated backend: error seed")
+    ap.add_argument("--mllm-profile", help="simulated backend: per-stage error profile, a name "
+                    "(oracle, tiny-qwen2vl, untuned-tiny-qwen2vl) or loc_yes_true=..,"
+                    "loc_yes_false=..,vqa_accuracy=..,aggr_faithful=..")
+    ap.add_argument("--aggregation", choices=("keep", "concise"), default="keep",
+                    help="simulated backend: aggregation keeps every new answer, or stays "
+                         "within the text length (the prompt's 'concise')")
     ap.add_argument("--rounds", type=int, default=5, help="K, interaction rounds (paper: 5)")
     ap.add_argument("--temperature", type=float, default=0.01)
     ap.add_argument("--max-tokens", type=int, default=2048, help="MLLM reply limit (the release: 2048)")
@@ -126,7 +132,13 @@ def mllm_label(args) -> str:
 
     if args.backend == "simulated":
         rate = getattr(args, "error_rate", 0.0) or 0.0
-        return label("simulated", f"err{rate:g}-seed{args.seed}" if rate else None)
+        prof = getattr(args, "mllm_profile", None)
+        aggr = getattr(args, "aggregation", "keep")
+        tag = (f"err{rate:g}-seed{args.seed}" if rate else
+               f"{prof}-seed{args.seed}".replace("=", "").replace(",", "-") if prof else None)
+        if aggr != "keep":
+            tag = f"{tag}-{aggr}" if tag else aggr
+        return label("simulated", tag)
     if args.backend == "openai":
         return label("openai", args.served_model)
     return label(args.backend, args.model, f"+{os.path.basename(os.path.normpath(args.lora))}"
