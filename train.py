@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     ap.add_argument("overrides", nargs="*", help="key=value settings that override the config")
     args = ap.parse_intermixed_args(argv)  # flags and key=value overrides in any order
+    from datasets.noise import NoiseFileError
     from utils.run_dir import RunDirError
     try:
         cfg = load_config(args.config, args.overrides)  # types checked here, before anything is written
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from processor.trainer import train
     try:
         train(cfg, args.run_dir, progress=not args.no_progress)
-    except RunDirError as err:  # a refusal with its fix: no traceback
+    except (RunDirError, NoiseFileError) as err:  # a refusal with its fix: no traceback
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -97,7 +97,7 @@ def build_dataloader(cfg: Any) -> Loaders:
 
     Keys: ``dataset_name, root_dir, anno_file, img_size, img_aug, txt_aug, text_length,
     batch_size, test_batch_size, num_workers, sampler, num_instance, distributed, noisy_rate,
-    noisy_file, seed, rda, val_dataset``.
+    noisy_file, noise_draw, seed, rda, val_dataset``.
     """
     dataset = _dataset_from_cfg(cfg)
     # Before any training: a missing split would otherwise fail after a whole epoch.
@@ -116,7 +116,8 @@ def build_dataloader(cfg: Any) -> Loaders:
         rda = None
 
     noisy_rate = float(_get(cfg, "noisy_rate", 0.0) or 0.0)
-    index = build_noise_index(len(train), noisy_rate, _get(cfg, "noisy_file", None), seed)
+    index = build_noise_index(len(train), noisy_rate, _get(cfg, "noisy_file", None), seed,
+                              draw=bool(_get(cfg, "noise_draw", False)))
     noisy_mask = index != np.arange(len(train))
     captions = permute_captions([item[3] for item in train], index)
     train = [(pid, image_id, path, caption) for (pid, image_id, path, _), caption in zip(train, captions)]

@@ -33,7 +33,7 @@ def build_model(cfg) -> RDE:
     from model.clip import load_clip
 
     base = load_clip(cfg.pretrain_choice, image_size=tuple(cfg.img_size), stride=cfg.stride_size,
-                     text_length=cfg.text_length)
+                     text_length=cfg.text_length, text_pos=cfg.get("clip_text_pos", "interpolate"))
     model = _rde(cfg, base)
     if cfg.get("init_checkpoint"):
         load_init_checkpoint(model, cfg.init_checkpoint, text_pos=cfg.get("init_text_pos", "interpolate"))

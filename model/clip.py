@@ -407,26 +407,41 @@ def infer_config(
     )
 
 
+# How CLIP's 77-row text position table reaches a model with another text length (UFine6926: 168).
+# interpolate: linear interpolation (the paper's text; ours). release_random: what both releases
+# effectively do: their resize returns a [1, L, L] tensor, the copy into [L, D] fails inside a bare
+# except, and the table keeps its random initialisation N(0, 0.01) (docs/DEVIATIONS.md).
+TEXT_POS_MODES = ("interpolate", "release_random")
+
+
 def load_openai_weights(
     model: CLIP,
     state_dict: Mapping[str, torch.Tensor],
     pos_mode: str = "bilinear",
     source_grid: Optional[tuple[int, int]] = None,
+    text_pos: str = "interpolate",
 ) -> None:
     """Copy an OpenAI-layout state dict into ``model``: position embeddings resized to the
-    model's grid / text length (see ``resize_visual_pos_embed`` for ``source_grid``), tensors
-    cast to the model's dtype. Besides ``CHECKPOINT_ONLY_KEYS`` every key must match: missing,
-    unexpected or mis-shaped keys raise RuntimeError listing all of them."""
+    model's grid / text length (see ``resize_visual_pos_embed`` for ``source_grid``; ``text_pos``:
+    see ``TEXT_POS_MODES``), tensors cast to the model's dtype. Besides ``CHECKPOINT_ONLY_KEYS``
+    every key must match: missing, unexpected or mis-shaped keys raise RuntimeError listing all of them."""
+    if text_pos not in TEXT_POS_MODES:
+        raise ValueError(f"clip_text_pos={text_pos!r}: choose one of {', '.join(TEXT_POS_MODES)}")
     sd = {k: v for k, v in state_dict.items() if k not in CHECKPOINT_ONLY_KEYS}
     if "visual.positional_embedding" in sd:
         sd["visual.positional_embedding"] = resize_visual_pos_embed(
             sd["visual.positional_embedding"], model.num_patches, source_grid, pos_mode
         )
+    keep_random = set()
     if "positional_embedding" in sd:
-        sd["positional_embedding"] = resize_text_pos_embed(sd["positional_embedding"], model.text_length)
+        if text_pos == "release_random" and sd["positional_embedding"].shape[0] != model.text_length:
+            del sd["positional_embedding"]
+            keep_random.add("positional_embedding")
+        else:
+            sd["positional_embedding"] = resize_text_pos_embed(sd["positional_embedding"], model.text_length)
 
     own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
+    missing = sorted(set(own) - set(sd) - keep_random)
     unexpected = sorted(set(sd) - set(own))
     mismatched = [
         f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -452,6 +467,7 @@ def build_clip(
     text_length: int = 77,
     pos_mode: str = "bilinear",
     source_grid: Optional[tuple[int, int]] = None,
+    text_pos: str = "interpolate",
 ) -> CLIP:
     """CLIP with the architecture inferred from ``state_dict`` and its weights loaded.
 
@@ -459,7 +475,7 @@ def build_clip(
     ``source_grid=model grid`` when that grid's patch count happens to be a perfect square
     (e.g. 32x8), otherwise it would be read as a square OpenAI grid and resampled."""
     model = CLIP(infer_config(state_dict, image_size, stride, text_length))
-    load_openai_weights(model, state_dict, pos_mode, source_grid)
+    load_openai_weights(model, state_dict, pos_mode, source_grid, text_pos)
     return model
 
 
@@ -502,10 +518,13 @@ def load_clip(
     stride: int = 16,
     text_length: int = 77,
     pos_mode: str = "bilinear",
+    text_pos: str = "interpolate",
 ) -> CLIP:
     """Load a pretrained ViT CLIP (e.g. OpenAI's ViT-B-16.pt) for ReID-sized inputs.
 
     ``checkpoint``: path to an OpenAI TorchScript archive or a torch.save'd state dict, or the
-    dict itself. Returns a float32 CLIP on CPU (move it with ``.to(device)``).
+    dict itself. Returns a float32 CLIP on CPU (move it with ``.to(device)``). ``text_pos``: how
+    a text position table of another length is made (``TEXT_POS_MODES``).
     """
-    return build_clip(read_clip_state_dict(checkpoint), image_size, stride, text_length, pos_mode)
+    return build_clip(read_clip_state_dict(checkpoint), image_size, stride, text_length, pos_mode,
+                      text_pos=text_pos)

@@ -142,6 +142,18 @@ def ccd_weights(cfg, model, loaders, device, amp, epoch, rank, world, run_dir, l
     return torch.from_numpy(weights), extra
 
 
+def record_noise_file(cfg: Config) -> None:
+    """Check the noise file the run will read and record its sha256 in the config (saved in the
+    run's config.yaml next to ``noisy_file``); a preset ``noisy_file_sha256`` must match."""
+    from datasets.noise import NoiseFileError, check_noise_file
+
+    sha = check_noise_file(float(cfg.noisy_rate or 0.0), cfg.get("noisy_file"), bool(cfg.get("noise_draw")))
+    if cfg.get("noisy_file_sha256") and sha != cfg.noisy_file_sha256:
+        raise NoiseFileError(f"noisy_file {cfg.get('noisy_file')} has sha256 {sha}, not noisy_file_sha256="
+                         f"{cfg.noisy_file_sha256}: another permutation than the one this run was set up with")
+    cfg.noisy_file_sha256 = sha
+
+
 def save_checkpoint(path, model, epoch, **extra) -> None:
     atomic_torch_save(path, {"model": _unwrap(model).state_dict(), "epoch": epoch, **extra})
 
@@ -168,6 +180,7 @@ def train(cfg: Config, run_dir: str | None = None, *, progress: bool = True,
     rda_file = require_rda_file(cfg)
     if rda_file is not None:
         cfg.anno_file = rda_file
+    record_noise_file(cfg)  # a missing noise file is refused here, before anything is written
     run_dir = run_dir or os.path.join(cfg.output_dir, cfg.name)
     notes = start_train_run(cfg, run_dir, rank)  # refuses before anything is written
     D.barrier()  # every rank checked before rank 0 writes config.yaml
@@ -191,6 +204,10 @@ def train(cfg: Config, run_dir: str | None = None, *, progress: bool = True,
                 f"ccd_loss_pass {cfg.ccd_loss_pass}")
 
     net = model
+    if world > 1 and cfg.get("sync_bn", True):
+        # The TSE BatchNorm layers normalise (train_mode: train) with the global batch's statistics.
+        from processor.sync_bn import convert_sync_batchnorm
+        logger.info(f"sync_bn: {convert_sync_batchnorm(model)} BatchNorm layers synchronised across {world} ranks")
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--rewrites", type=int, default=3, help="m, rewrites per sub-sentence")
     gen.add_argument("--limit", type=int, help="only the first N training pairs (whole images)")
     gen.add_argument("--temperature", type=float, default=0.01)
+    gen.add_argument("--release-sampling", action="store_true",
+                     help="vllm/transformers: sample at --temperature (the release's vLLM setting) "
+                          "instead of decoding greedily below 0.05")
     gen.add_argument("--max-tokens", type=int, default=1024)
     gen.add_argument("--chunk-size", type=int, default=4096,
                      help="requests per MLLM batch; the resume state is saved after each")

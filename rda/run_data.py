@@ -31,7 +31,7 @@ class TrainPairs:
 
 
 def training_pairs(dataset, *, noisy_rate: float = 0.0, noisy_file: Optional[str] = None,
-                   seed: int = 0) -> TrainPairs:
+                   seed: int = 0, noise_draw: bool = False) -> TrainPairs:
     """``dataset.train`` as :class:`TrainPairs`, with the captions shuffled exactly as training
     shuffled them when the run injected noisy correspondences (``noisy_rate`` > 0): CCD's labels
     refer to those pairs."""
@@ -39,7 +39,7 @@ def training_pairs(dataset, *, noisy_rate: float = 0.0, noisy_file: Optional[str
     captions = [item[3] for item in train]
     if noisy_rate:
         from datasets.noise import build_noise_index, permute_captions
-        index = build_noise_index(len(train), float(noisy_rate), noisy_file, int(seed))
+        index = build_noise_index(len(train), float(noisy_rate), noisy_file, int(seed), draw=noise_draw)
         captions = permute_captions(captions, index)
     num_images = 1 + max((item[1] for item in train), default=-1)
     image_paths: list = [None] * num_images
@@ -142,7 +142,7 @@ def load_run_inputs(run_dir: str, *, root: Optional[str] = None, dataset_name: O
     noisy_rate = float(getattr(cfg, "noisy_rate", 0.0) or 0.0) if own else 0.0
     pairs = training_pairs(dataset, noisy_rate=noisy_rate,
                            noisy_file=getattr(cfg, "noisy_file", None),
-                           seed=int(getattr(cfg, "seed", 0)))
+                           seed=int(getattr(cfg, "seed", 0)), noise_draw=bool(cfg.get("noise_draw", False)))
     clean, ccd = None, None
     if use_ccd:
         ccd = latest_ccd_file(run_dir)

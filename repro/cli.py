@@ -23,6 +23,8 @@ from typing import Optional
 
 SUBCOMMANDS = ("table1", "table2", "table34", "table5", "table6", "rda_modes", "rde_noise",
                "fig3", "fig5", "fig6", "fig7")
+# The real world's plan also holds the step that makes THI's tuned MLLM (first: THI needs it).
+REAL_STEPS = ("sft",)
 
 
 def _pairs(items, flag: str) -> dict:
@@ -38,7 +40,8 @@ def _pairs(items, flag: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m repro", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=(*SUBCOMMANDS, "all"), help="table or figure")
+    ap.add_argument("what", choices=(*REAL_STEPS, *SUBCOMMANDS, "all"),
+                    help="table or figure (sft: the anchor-localization LoRA, real world)")
     ap.add_argument("--world", choices=("real", "mini"), default="mini")
     ap.add_argument("--dry-run", action="store_true", help="print the commands and the expected "
                                                            "time per table; run nothing")
@@ -61,12 +64,28 @@ def build_parser() -> argparse.ArgumentParser:
     real.add_argument("--gpus", type=int, default=1, help="GPUs for training (torchrun) and vLLM")
     real.add_argument("--backend", default="vllm", choices=("vllm", "openai", "transformers"))
     real.add_argument("--mllm", help="Qwen2-VL-7B-Instruct directory (vllm, transformers)")
-    real.add_argument("--lora", help="the anchor-localization LoRA (THI; Table 6 #2 runs without)")
+    real.add_argument("--lora", help="the ICL anchor-localization LoRA adapter (huggingface.co/Yangsss/ICL); "
+                      "THI's starred rows, Table 6 #1 and Fig. 5-7 need it, or --merged-mllm, or "
+                      "--train-lora; without any, those rows are listed as not run (Table 6 #2 runs "
+                      "without it on purpose)")
+    real.add_argument("--merged-mllm", help="Qwen2-VL-7B-Instruct with the ICL LoRA merged in (the "
+                      "release's way) for THI's tuned rows")
+    real.add_argument("--train-lora", action="store_true", help="train the LoRA here: the "
+                      "anchor-localization SFT step (python -m rda sft on each dataset's ICL run, "
+                      "then scripts/sft_lora.sh; about 11 h on two RTX 3090s per the supplement)")
     real.add_argument("--base-url", help="openai backend: server URL")
     real.add_argument("--served-model", help="openai backend: model name")
     real.add_argument("--rda-file", action="append", metavar="DATASET=PATH",
                       help="RDA annotation file (e.g. the authors' RDA_data); default: generate it")
-    real.add_argument("--pre-checkpoint", help="group 2 (+pre): ReID-domain pre-trained weights")
+    real.add_argument("--pre-checkpoint", action="append", metavar="DIR|DATASET=PATH",
+                      help="group 2 (+pre): a folder holding MLLM4Text-ReID's best0/1/2.pth (the "
+                           "release's choice: best0 CUHK-PEDES and UFine6926, best1 ICFG-PEDES, best2 "
+                           "RSTPReid), or one DATASET=PATH per dataset")
+    real.add_argument("--rde-weights", action="append", metavar="DATASET=PATH",
+                      help="Table 5's RDE row from RDE's released best.pth per dataset (the row says "
+                           "so); default: the RDE run trained here")
+    real.add_argument("--noise-dir", default="noiseindex", help="the release's noiseindex/ folder "
+                      "(copy it from the RDE release: 2024-CVPR-RDE/noiseindex)")
     real.add_argument("--irra-weights", action="append", metavar="DATASET=PATH",
                       help="Table 5: IRRA's released best.pth per dataset")
     return ap
@@ -91,10 +110,31 @@ def make_world(args):
         if args.backend == "vllm":
             mllm += ["--tensor-parallel-size", str(args.gpus)]
     datasets = [d for d in args.datasets.split(",") if d]
+    if sum(bool(x) for x in (args.lora, args.merged_mllm, args.train_lora)) > 1:
+        raise SystemExit("--lora, --merged-mllm and --train-lora exclude each other")
     return RealWorld(root=args.root, runs=args.runs or "runs", datasets=datasets, gpus=args.gpus,
                      mllm_args=mllm, lora=args.lora, rda_files=_pairs(args.rda_file, "--rda-file"),
-                     pre_checkpoint=args.pre_checkpoint,
-                     irra_weights=_pairs(args.irra_weights, "--irra-weights"))
+                     pre_checkpoint=_pre_checkpoints(args.pre_checkpoint),
+                     irra_weights=_pairs(args.irra_weights, "--irra-weights"),
+                     rde_weights=_pairs(args.rde_weights, "--rde-weights"), noise_dir=args.noise_dir,
+                     merged_mllm=args.merged_mllm, train_lora=args.train_lora, base_mllm=args.mllm)
+
+
+def _pre_checkpoints(items):
+    """--pre-checkpoint values -> a folder, or {dataset: file} ("" for a folder among files)."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        if "=" in item:
+            k, v = item.split("=", 1)
+            out[k] = v
+        elif os.path.isfile(item):
+            raise SystemExit(f"--pre-checkpoint {item} is one file: the release starts each dataset from "
+                             f"its own checkpoint; give a folder holding best0/1/2.pth or DATASET=PATH")
+        else:
+            out[""] = item
+    return out
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -113,9 +153,11 @@ def main(argv: Optional[list] = None) -> int:
         raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
     runner = Runner(dry_run=args.dry_run, in_process=args.world == "mini" and not args.subprocess,
                     jobs=args.jobs, logs=os.path.join(world.runs, "logs"))
-    todo = SUBCOMMANDS if args.what == "all" else (args.what,)
+    todo = ((REAL_STEPS if args.world == "real" else ()) + SUBCOMMANDS if args.what == "all"
+            else (args.what,))
     funcs = {**TABLES, **FIGURES}
     summary = []
+    skipped = []  # (step, rows or steps not run, the time they would take)
     t_all = time.perf_counter()
     if args.jobs > 1 and not args.dry_run:
         # plan every sub-command first, then run all their jobs side by side; the sub-commands
@@ -133,12 +175,16 @@ def main(argv: Optional[list] = None) -> int:
         try:
             res = funcs[name](world, runner, out)
         except Unavailable as exc:
-            print(f"[repro] {name}: not run: {exc}")
+            print(f"[repro] {name}: not run: {exc}"
+                  + (f" (would take ~{_fmt(exc.seconds)})" if exc.seconds else ""))
             summary.append((name, 0, 0.0))
+            skipped.append((name, 1, exc.seconds))
             continue
         dt = time.perf_counter() - t0
         if args.dry_run:
             summary.append((name, res["jobs"], res["seconds"]))
+            if res.get("not_run"):
+                skipped.append((name, res["not_run"], res.get("not_run_seconds", 0.0)))
         else:
             summary.append((name, None, dt))
             print(f"[repro] {name}: done in {dt:.0f} s -> {out}/{name}.md")
@@ -150,6 +196,11 @@ def main(argv: Optional[list] = None) -> int:
         for name, n, secs in summary:
             print(f"  {name:10s} {n:3d} jobs  {_fmt(secs)}")
         print(f"  total      {_fmt(sum(s for _, _, s in summary))}")
+        if skipped:
+            print("not run as configured (each listed above with its reason; the time is what its own "
+                  "jobs would add):")
+            for name, n, secs in skipped:
+                print(f"  {name:10s} {n:3d} items {'~' + _fmt(secs) if secs else 'time unknown'}")
         basis = (world.basis() if hasattr(world, "basis") else None) or __import__(
             "repro.worlds", fromlist=["REAL_BASIS"]).REAL_BASIS
         print(f"basis: {basis}")

@@ -24,6 +24,7 @@ from .jobs import Job, Lazy, digest, file_digest, py
 # fine-tuned CLIP and the IRRA model of Table 5 when no released checkpoint is given.
 METHODS = {
     "RDE": {"config": "rde", "overrides": []},
+    "RDE-release": {"config": "rde", "overrides": []},   # RDE's released checkpoint (real world, --rde-weights)
     "ICL": {"config": "icl", "overrides": []},            # RDE + RDA (the RDA annotation file)
     "ICL-keep": {"config": "icl", "overrides": []},       # mini: RDA from the "keep" aggregation
     "RDE-noCCD": {"config": "rde", "overrides": ["ccd=false"]},
@@ -58,7 +59,20 @@ REAL_BASIS = ("GPU time = training pairs x epochs / 300 pairs/s per GPU (assumed
 
 
 class Unavailable(Exception):
-    """A row that this world cannot produce as configured (the message says what is missing)."""
+    """A row that this world cannot produce as configured (the message says what is missing);
+    ``seconds``: what the row's own jobs would take once the input is given (0: unknown)."""
+
+    def __init__(self, message: str, seconds: float = 0.0):
+        super().__init__(message)
+        self.seconds = float(seconds)
+
+
+# The anchor-localization SFT + LoRA training (THI's tuned MLLM). The supplement reports about
+# 11 h on two RTX 3090s for one SFT set over the four datasets (~170k records: `python -m rda sft`
+# defaults, 40k + 40k CUHK-PEDES, 15k + 15k each for ICFG-PEDES, RSTPReid, UFine6926).
+SFT_HOURS_TWO_GPUS = 11.0
+SFT_BASIS = ("the supplement: about 11 h on two RTX 3090s for ~170k SFT records (scaled by 2 / GPUs); "
+             "SFT data: ~10 min per dataset to encode and rank its training split (assumed)")
 
 
 def _n(x: float) -> str:
@@ -74,6 +88,7 @@ class World:
     noise_rates: tuple = (0.0, 0.2, 0.5, 0.8)  # RDE's noise table
     noise_datasets: tuple = ()                 # the noise table's datasets (empty: all)
     noccd_rates: tuple = ()                    # rates with an RDE-without-CCD row (empty: all > 0)
+    noccd_datasets: tuple = ()                 # datasets with an RDE-without-CCD row (empty: all)
 
     seeds: tuple = (0,)                        # training (and MLLM) seeds of every row
 
@@ -102,6 +117,10 @@ class World:
             name += "_pre"
         return name
 
+    def noise_overrides(self, dataset: str, noise: float) -> list:
+        """Where a noisy run's caption permutation comes from (``noisy_file`` / ``noise_draw``)."""
+        raise NotImplementedError
+
     def model(self, method: str, dataset: str, target: Optional[str] = None, *,
               noise: float = 0.0, group: int = 1, seed: int = 0):
         """Train (or reuse) and evaluate on ``target``: (eval run dir, eval target name, jobs)."""
@@ -113,7 +132,7 @@ class World:
         """The training overrides for a noise rate and, for ICL, the RDA annotation file (whose
         generation jobs, if any, are appended to ``jobs``). ``ICL-keep``: ICL with the RDA file
         of the other aggregation mode (mini world)."""
-        over = [f"noisy_rate={_n(noise)}"] if noise else []
+        over = [f"noisy_rate={_n(noise)}", *self.noise_overrides(dataset, noise)] if noise else []
         if method.startswith("ICL"):
             rda, rjobs = (self.rda_file(dataset, aggregation=method.split("-", 1)[1])
                           if "-" in method else self.rda_file(dataset))
@@ -127,16 +146,30 @@ class RealWorld(World):
 
     name = "real"
 
+    # The paper reports one RDE-without-CCD training: RDE Table 2 #7, CUHK-PEDES at 50% noise.
+    noccd_rates = (0.5,)
+    noccd_datasets = ("CUHK-PEDES",)
+
     def __init__(self, *, root: str, runs: str, datasets, gpus: int = 1, mllm_args=(),
                  lora: Optional[str] = None, rda_files: Optional[dict] = None,
-                 pre_checkpoint: Optional[str] = None, irra_weights: Optional[dict] = None,
+                 pre_checkpoint=None, irra_weights: Optional[dict] = None,
                  rounds: int = 5, lam: float = 0.8, configs: str = "configs",
-                 sweep_lams="0.5,0.6,0.7,0.8,0.9", sweep_xis="0.4,0.45,0.5,0.55,0.6"):
+                 sweep_lams="0.5,0.6,0.7,0.8,0.9", sweep_xis="0.4,0.45,0.5,0.55,0.6",
+                 noise_dir: str = "noiseindex", merged_mllm: Optional[str] = None,
+                 train_lora: bool = False, base_mllm: Optional[str] = None,
+                 rde_weights: Optional[dict] = None):
         self.root, self.runs, self.gpus = root, runs, int(gpus)
+        self.noise_dir = noise_dir
         self.datasets = tuple(datasets)
         self.mllm_args, self.lora = list(mllm_args), lora
+        # THI's tuned MLLM: an adapter (--lora), a merged folder (--merged-mllm), or the SFT step's
+        # adapter (--train-lora); with none of them the rows that need it are listed as not run.
+        self.merged_mllm, self.train_lora = merged_mllm, bool(train_lora)
+        self.base_mllm = base_mllm
         self.rda_files = dict(rda_files or {})
+        # group 2: a folder holding best0/1/2.pth (the release's choice per dataset) or {dataset: file}
         self.pre_checkpoint, self.irra_weights = pre_checkpoint, dict(irra_weights or {})
+        self.rde_weights = dict(rde_weights or {})
         self.rounds, self.lam, self.configs = int(rounds), float(lam), configs
         self.sweep_lams, self.sweep_xis = sweep_lams, sweep_xis
 
@@ -147,6 +180,11 @@ class RealWorld(World):
     def _thi_seconds(self, dataset: str) -> float:
         q = TEST_QUERIES.get(dataset, TEST_QUERIES["CUHK-PEDES"])
         return q * THI_REQUESTS_PER_QUERY / MLLM_REQUESTS_PER_S
+
+    def noise_overrides(self, dataset, noise):
+        # The release's permutation (noiseindex/<dataset>_<rate>.npy, as its run_rde.sh names it).
+        from datasets.noise import release_noise_name
+        return [f"noisy_file={os.path.join(self.noise_dir, release_noise_name(dataset, noise))}"]
 
     def rda_file(self, dataset: str, aggregation: Optional[str] = None) -> tuple:
         if aggregation is not None:
@@ -163,32 +201,68 @@ class RealWorld(World):
         return out, [job]
 
     def train(self, method, dataset, *, noise=0.0, group=1, seed=0):
-        spec = METHODS[method]
-        if method == "IRRA" and dataset in self.irra_weights:
-            run = os.path.join(self.runs, f"irra_release_{dataset}")
+        released = {"IRRA": ("IRRA", self.irra_weights), "RDE-release": ("RDE", self.rde_weights)}
+        if method in released:
+            who, weights = released[method]
+            if dataset not in weights:
+                if method == "IRRA":  # the stand-in: RDE's architecture trained with SDM
+                    return self._train_run(method, dataset, noise, group)
+                raise Unavailable(f"{who}'s released checkpoint for {dataset} not given (--rde-weights "
+                                  f"{dataset}=PATH)")
+            run = os.path.join(self.runs, f"{who.lower()}_release_{dataset}")
             cfg = os.path.join(self.configs, f"rde_{STEMS[dataset]}.yaml")
-            job = Job(f"evaluate IRRA's released weights on {dataset}",
+            job = Job(f"evaluate {who}'s released weights on {dataset}",
                       py("test.py", run, f"root_dir={self.root}", "--weights",
-                         self.irra_weights[dataset], "--config", cfg, "--root", self.root,
+                         weights[dataset], "--config", cfg, "--root", self.root,
                          "--no-progress"),
                       os.path.join(run, "eval", dataset, "metrics.json"),
                       seconds=60, basis="one test-set pass")
             return run, [job]
+        return self._train_run(method, dataset, noise, group)
+
+    def pre_checkpoint_for(self, dataset: str) -> Optional[str]:
+        """Group 2's init for ``dataset`` (the release's best0/1/2 from a folder, or a per-dataset file)."""
+        from utils.pre_checkpoints import pre_checkpoint
+        pre = self.pre_checkpoint
+        if not pre:
+            return None
+        if isinstance(pre, dict):
+            if dataset in pre:
+                return pre[dataset]
+            if "" in pre:  # a folder (named without DATASET=): the release's file for the dataset
+                return pre_checkpoint(os.path.join(pre[""], ""), dataset, check=False)
+            return None
+        return pre_checkpoint(os.path.join(pre, ""), dataset, check=False)
+
+    def _train_run(self, method, dataset, noise, group):
+        spec = METHODS[method]
         jobs = []
         cfg = os.path.join(self.configs, f"{spec['config']}_{STEMS[dataset]}.yaml")
         name = self.run_name(method, dataset, noise, group)
+        init = None
+        if group == 2:
+            init = self.pre_checkpoint_for(dataset)
+            if not init:
+                from utils.pre_checkpoints import PRE_CHECKPOINT_FILES, PRE_SOURCE
+                raise Unavailable(
+                    f"group 2 (+pre) needs --pre-checkpoint: a folder holding {PRE_SOURCE} "
+                    f"(the release starts {dataset} from {PRE_CHECKPOINT_FILES.get(dataset, '?')}), "
+                    f"or {dataset}=PATH", seconds=self._train_seconds(dataset))
+            from utils.pre_checkpoints import pre_tag
+            name = name[:-len("_pre")] + "_" + pre_tag(init)
         run = os.path.join(self.runs, name)
         over = [f"root_dir={self.root}", f"name={name}", "resume=true", *spec["overrides"]]
         over += self._noise_and_rda(method, dataset, noise, jobs)
-        if group == 2:
-            if not self.pre_checkpoint:
-                raise Unavailable("group 2 (+pre) needs --pre-checkpoint (the ReID-domain "
-                                  "pre-trained weights the paper takes from NAM)")
-            over.append(f"init_checkpoint={self.pre_checkpoint}")
+        if init:
+            over.append(f"init_checkpoint={init}")
         launcher = (["torchrun", "--nproc_per_node", str(self.gpus), "train.py"] if self.gpus > 1
                     else py("train.py"))
         argv = [*launcher, "--config", cfg, "--run-dir", run, "--no-progress", *over]
-        jobs.append(Job(f"train {name}", argv, os.path.join(run, "eval", dataset, "metrics.json"),
+        label = f"train {name}"
+        noise_file = next((o.split("=", 1)[1] for o in over if o.startswith("noisy_file=")), None)
+        if noise_file and not os.path.isfile(noise_file):  # train.py refuses without it: say so now
+            label += f" (needs {noise_file}: copy noiseindex/ from the RDE release, 2024-CVPR-RDE/noiseindex)"
+        jobs.append(Job(label, argv, os.path.join(run, "eval", dataset, "metrics.json"),
                         seconds=self._train_seconds(dataset), basis=REAL_BASIS))
         return run, jobs
 
@@ -201,6 +275,43 @@ class RealWorld(World):
                   seconds=120, basis="one test-set pass (about 2 min, assumed)")
         return run_dir, target, [job]
 
+    def tuned_mllm(self) -> tuple:
+        """(THI's MLLM flags for the tuned model, the jobs that make it). Unavailable when no tuned
+        model is given: --lora ADAPTER, --merged-mllm DIR, or --train-lora (the SFT step)."""
+        if self.lora:
+            return ["--lora", self.lora], []
+        if self.merged_mllm:
+            return ["--model", self.merged_mllm, "--merged"], []
+        if self.train_lora:
+            adapter, jobs = self.lora_jobs()
+            return ["--lora", adapter], jobs
+        raise Unavailable("needs THI's LoRA-tuned MLLM (--lora ADAPTER, --merged-mllm DIR or --train-lora)")
+
+    def lora_jobs(self) -> tuple:
+        """The anchor-localization SFT: one LLaMA-Factory dataset from the ICL run of each paper
+        dataset (``python -m rda sft``, ~170k records), then the LoRA (``scripts/sft_lora.sh``)."""
+        folder = os.path.join(self.runs, "sft")
+        adapter = os.path.join(folder, "icl_lora")
+        jobs, names = [], []
+        for ds in (d for d in PAPER_DATASETS if d in self.datasets):
+            run, tjobs = self.train("ICL", ds)
+            jobs += tjobs
+            name = f"icl_anchor_{STEMS[ds]}"
+            names.append(name)
+            jobs.append(Job(f"SFT data from {os.path.basename(run)} ({ds})",
+                            py("-m", "rda", "sft", "--run", run, "--root", self.root, "--out", folder,
+                               "--name", name, "--no-progress"),
+                            os.path.join(folder, f"{name}.meta.json"), seconds=600, basis=SFT_BASIS))
+        base = self.base_mllm or "<Qwen2-VL-7B-Instruct>"
+        env = {"FORCE_TORCHRUN": "1", "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(self.gpus))} \
+            if self.gpus > 1 else {}
+        jobs.append(Job("anchor-localization LoRA (LLaMA-Factory SFT)",
+                        ["bash", "scripts/sft_lora.sh", "train", base, folder, adapter,
+                         "dataset=" + ",".join(names)],
+                        os.path.join(adapter, "adapter_config.json"),
+                        seconds=SFT_HOURS_TWO_GPUS * 3600 * 2 / max(self.gpus, 1), basis=SFT_BASIS, env=env))
+        return adapter, jobs
+
     def thi(self, run_dir, target_name, target, *, lora=True, mllm="calibrated", seed=0):
         if mllm == "oracle":
             raise Unavailable("the real world has no oracle MLLM (the mini world's upper bound)")
@@ -208,26 +319,37 @@ class RealWorld(World):
         suffix = "" if lora else "_nolora"
         out = os.path.join(run_dir, "thi", target_name + suffix)
         args = list(self.mllm_args)
-        if lora and self.lora:
-            args += ["--lora", self.lora]
+        jobs = []
+        if lora:
+            try:
+                flags, jobs = self.tuned_mllm()
+            except Unavailable as exc:
+                raise Unavailable(str(exc), seconds=self._thi_seconds(target)) from None
+            args += flags
+        else:
+            args += ["--no-lora"]  # Table 6 #2: the base model, named in THI's folder and table
         xi = PAPER_XI.get(target, 0.5)
         argv = py("-m", "thi", "--run", run_dir, "--target", target_name, "--root", self.root,
                   *args, "--xi", _n(xi), "--lam", _n(self.lam), "--rounds", str(self.rounds),
                   "--out", out, "--cache-dir", os.path.join(run_dir, "mllm_cache" + suffix),
                   "--no-progress")
-        return out, [Job(f"THI{'' if lora else ' (no LoRA)'} {os.path.basename(run_dir)} -> {target}",
-                         argv, os.path.join(out, "cost.json"), seconds=self._thi_seconds(target),
-                         basis=REAL_BASIS)]
+        return out, jobs + [Job(f"THI{'' if lora else ' (no LoRA)'} {os.path.basename(run_dir)} -> {target}",
+                                argv, os.path.join(out, "cost.json"), seconds=self._thi_seconds(target),
+                                basis=REAL_BASIS)]
 
     def sweep(self, run_dir, target_name, target, *, curve="grid"):
         out = os.path.join(run_dir, "thi", target_name, "sweep")
-        args = list(self.mllm_args) + (["--lora", self.lora] if self.lora else [])
+        try:
+            flags, tjobs = self.tuned_mllm()
+        except Unavailable as exc:
+            raise Unavailable(str(exc), seconds=self._thi_seconds(target) * 2) from None
+        args = list(self.mllm_args) + flags
         argv = py("-m", "thi", "sweep", "--run", run_dir, "--target", target_name, "--root",
                   self.root, *args, "--lams", self.sweep_lams, "--xis", self.sweep_xis,
                   "--rounds", str(self.rounds), "--out", out,
                   "--cache-dir", os.path.join(run_dir, "mllm_cache"), "--no-progress")
         n_xi = len(self.sweep_xis.split(","))
-        return out, [Job(f"THI sweep {os.path.basename(run_dir)} -> {target}", argv,
+        return out, tjobs + [Job(f"THI sweep {os.path.basename(run_dir)} -> {target}", argv,
                          os.path.join(out, "sweep.json"),
                          seconds=self._thi_seconds(target) * (1 + 0.2 * (n_xi - 1)),
                          basis=REAL_BASIS + "; later xi reuse the cached localization answers")]
@@ -359,6 +481,10 @@ class MiniWorld(World):
             raise Unavailable(f"no tiny CLIP checkpoint at {self.pretrained}: set pretrain_command "
                               f"in the mini config or pass --pretrained")
         return jobs
+
+    def noise_overrides(self, dataset, noise):
+        # SynthPEDES domains have no released permutation: drawn from the run's seed (not saved).
+        return ["noise_draw=true"]
 
     def rda_file(self, dataset: str, aggregation: Optional[str] = None) -> tuple:
         aggregation = aggregation or self.rda_aggregation

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
             print(f"run {name}", flush=True)
             train(_cfg(**common, loss_names="InfoNCE", temperature=0.07, lr=1e-4, warmup_epochs=0,
                        num_epoch=args.epochs, eval_period=args.epochs, img_aug=True, txt_aug=True,
-                       noisy_rate=args.noisy_rate, noisy_file=os.path.join(out, f"noise_{args.noisy_rate}.npy"),
+                       noisy_rate=args.noisy_rate, noisy_file=os.path.join(out, f"noise_{args.noisy_rate}.npy"), noise_draw=True,
                        init_checkpoint=os.path.join(warm, "best.pth"), train_mode=mode, ccd_loss_pass=ccd_pass,
                        seed=seed), run, progress=False)
         epochs = json.load(open(result))["epochs"]

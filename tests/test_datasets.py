@@ -2,6 +2,7 @@
 and samplers."""
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import Counter
@@ -13,7 +14,8 @@ import torch
 from PIL import Image
 
 from datasets import DATASET_NAMES, build_dataset
-from datasets.noise import build_noise_index, inject_noise, permute_captions
+from datasets.noise import (RELEASE_NOISE_FILES, RELEASE_NOISE_SHA256, NoiseFileError, build_noise_index,
+                            check_noise_file, inject_noise, permute_captions)
 from datasets.sampler import DistributedRandomIdentitySampler, RandomIdentitySampler, ShuffleSampler
 from datasets.text_aug import EOT_ID, MASK_ID, SOT_ID, txt_aug
 from datasets.transforms import CLIP_MEAN, CLIP_STD, build_transforms
@@ -272,10 +274,10 @@ def _toy_train(n: int) -> list[tuple[int, int, str, str]]:
 
 def test_inject_noise_fraction_and_semantics():
     train = _toy_train(1000)
-    noisy, mask = inject_noise(train, 0.2, seed=3)
+    noisy, mask = inject_noise(train, 0.2, seed=3, draw=True)
     assert mask.dtype == bool and mask.shape == (1000,)
     assert 190 <= mask.sum() <= 200               # 200 shuffled, a few may land on themselves
-    index = build_noise_index(1000, 0.2, seed=3)
+    index = build_noise_index(1000, 0.2, seed=3, draw=True)
     for i, (item, src) in enumerate(zip(noisy, index)):
         assert item[:3] == train[i][:3]            # image side unchanged
         assert item[3] == train[src][3]
@@ -285,13 +287,20 @@ def test_inject_noise_fraction_and_semantics():
     assert clean == train and not clean_mask.any()
 
 
-def test_noise_index_file_is_created_then_reused(tmp_path):
+def test_noise_index_file_is_drawn_only_on_request_then_reused(tmp_path):
     path = tmp_path / "noiseindex" / "toy_0.5.npy"
-    first = build_noise_index(50, 0.5, path, seed=0)
+    # Missing file, no noise_draw: refused, naming the release's folder; nothing written.
+    with pytest.raises(NoiseFileError, match="2024-CVPR-RDE/noiseindex"):
+        build_noise_index(50, 0.5, path, seed=0)
+    with pytest.raises(NoiseFileError, match="noise_draw=true"):
+        build_noise_index(50, 0.5, None, seed=0)
+    assert not (tmp_path / "noiseindex").exists()
+    first = build_noise_index(50, 0.5, path, seed=0, draw=True)
     assert path.is_file() and np.array_equal(np.load(path), first)
-    # A different seed must not matter once the file exists: it is loaded.
+    # A different seed must not matter once the file exists: it is loaded (draw or not).
     assert np.array_equal(build_noise_index(50, 0.5, path, seed=99), first)
-    assert not np.array_equal(build_noise_index(50, 0.5, None, seed=99), first)
+    assert np.array_equal(build_noise_index(50, 0.5, path, seed=99, draw=True), first)
+    assert not np.array_equal(build_noise_index(50, 0.5, None, seed=99, draw=True), first)
     with pytest.raises(ValueError, match="toy_0.5.npy"):
         build_noise_index(51, 0.5, path)
     np.save(path, np.zeros(50, dtype=np.int64))
@@ -299,11 +308,46 @@ def test_noise_index_file_is_created_then_reused(tmp_path):
         build_noise_index(50, 0.5, path)
 
 
+def test_a_drawn_permutation_never_takes_a_release_name(tmp_path):
+    path = tmp_path / "noiseindex" / "CUHK-PEDES_0.2.npy"
+    with pytest.raises(NoiseFileError, match="a name of the release's"):
+        build_noise_index(50, 0.2, path, seed=0, draw=True)
+    assert not path.parent.exists()
+    # A file under a release name must be the release's file (sha256 checked).
+    path.parent.mkdir()
+    index = np.arange(50)
+    index[:10] = index[:10][::-1]
+    np.save(path, index)
+    with pytest.raises(NoiseFileError, match=RELEASE_NOISE_SHA256["CUHK-PEDES_0.2.npy"]):
+        build_noise_index(50, 0.2, path)
+
+
+def test_release_noise_files_are_read_exactly(tmp_path):
+    """The release's format (int64 .npy, pair i gets caption index[i]), rebuilt here in the release's
+    own way (np.save of an int64 array) at a small size: the file loads unchanged, and a file with
+    this content and a release name would be checked against the recorded sha256."""
+    rng = np.random.default_rng(0)
+    index = np.arange(30)
+    sel = rng.permutation(30)[:15]
+    index[sel] = rng.permutation(sel)
+    path = tmp_path / "toy_0.5.npy"
+    np.save(path, index)
+    assert check_noise_file(0.5, path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    train = _toy_train(30)
+    noisy, mask = inject_noise(train, 0.5, path)
+    assert [c for *_, c in noisy] == [train[j][3] for j in index]
+    assert np.array_equal(mask, index != np.arange(30))
+    assert check_noise_file(0.0, tmp_path / "missing.npy") is None     # clean runs read no file
+    # Every release file is recorded with its length and a sha256.
+    assert len(RELEASE_NOISE_FILES) == 9 and all(len(sha) == 64 for _, sha in RELEASE_NOISE_FILES.values())
+    assert {n for n, _ in RELEASE_NOISE_FILES.values()} == {68126, 34674, 37010}
+
+
 def test_rda_sub_sentences_travel_with_their_captions():
     train = _toy_train(40)
     rda = [[[f"sub of {c}"]] for *_, c in train]
-    index = build_noise_index(40, 0.5, seed=1)
-    noisy, _ = inject_noise(train, 0.5, seed=1)
+    index = build_noise_index(40, 0.5, seed=1, draw=True)
+    noisy, _ = inject_noise(train, 0.5, seed=1, draw=True)
     moved = permute_captions(rda, index)
     assert all(m == [[f"sub of {item[3]}"]] for m, item in zip(moved, noisy))
 

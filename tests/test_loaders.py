@@ -109,7 +109,8 @@ def test_batches_do_not_depend_on_num_workers(synth_root, rda_anno):
 
 def test_build_dataloader_train_side(synth_root, rda_anno, tmp_path):
     noisy_file = tmp_path / "noise" / "synth_0.3.npy"
-    cfg = _cfg(synth_root, anno_file=str(rda_anno), noisy_rate=0.3, noisy_file=str(noisy_file), seed=2)
+    cfg = _cfg(synth_root, anno_file=str(rda_anno), noisy_rate=0.3, noisy_file=str(noisy_file), noise_draw=True,
+               seed=2)
     loaders = build_dataloader(cfg)
     ds = loaders.dataset
     n = len(ds.train)

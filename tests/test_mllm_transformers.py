@@ -113,6 +113,23 @@ def test_temperature_rule(client, tiny_qwen):
     assert sa != greedy
 
 
+def test_release_sampling_samples_at_low_temperature(client, tiny_qwen):
+    """--release-sampling: the release's vLLM SamplingParams(temperature=0.01) samples; by default
+    we decode greedily below 0.05. The choice is part of the client's identity (cache, results)."""
+    assert not is_greedy(0.01, sample_low_temperature=True) and is_greedy(0.0, sample_low_temperature=True)
+    sampled = build_client("transformers", model=tiny_qwen[0], device="cpu", dtype="float32",
+                           sample_low_temperature=True, **BUDGET)
+    assert sampled._generation_config(0.01, 10, False).do_sample
+    assert sampled._generation_config(0.01, 10, False).temperature == pytest.approx(0.01)
+    assert not client._generation_config(0.01, 10, False).do_sample
+    assert sampled.identity_info()["sampling"] == "release" and "sampling" not in client.identity_info()
+    from argparse import Namespace
+
+    from utils.mllm.cli_options import client_options
+    args = Namespace(backend="transformers", model=tiny_qwen[0], lora=None, release_sampling=True)
+    assert client_options(args, None, "c")["sample_low_temperature"] is True
+
+
 def test_adapter_changes_outputs(client, tiny_qwen):
     reqs = requests()
     base = client.generate_ids(reqs, max_tokens=8, ignore_eos=True)

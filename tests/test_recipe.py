@@ -119,7 +119,7 @@ def test_icl_configs_refuse_to_train_without_their_rda_file(config, tmp_path):
     ds = DATASETS[config.split("_", 1)[1][:-5]]
     out = tmp_path / "runs"
     cfg = load_config(config, [f"root_dir={tmp_path / 'data'}", f"output_dir={out}", "device=cpu",
-                               f"noisy_file={tmp_path / 'noise.npy'}", "noisy_rate=0.2"])
+                               f"noisy_file={tmp_path / 'noise.npy'}", "noisy_rate=0.2", "noise_draw=true"])
     with pytest.raises(FileNotFoundError) as err:
         train(cfg, progress=False)
     msg = str(err.value)
@@ -244,3 +244,77 @@ def test_special_tokens_written_in_a_caption_are_one_token_each():
     assert tok.encode("<|StartOfText|>man") == [49406, 786]
     assert tokenize("<|mask|>")[:3].tolist() == [49406, 49405, 49407]
     assert tok.decode([49405]) == "<|mask|>" and tok.vocab_size == 49408
+
+
+# ------------------------------------------------------------------------ noise files
+def test_noisy_run_refuses_a_missing_noise_file_and_records_the_one_it_reads(tiny_clip_path, micro_root,
+                                                                          tmp_path, capsys):
+    """The release's run_rde.sh names noiseindex/<dataset>_<rate>.npy: a missing file stops the run
+    before anything is written (no new permutation under the release's name); the file read is
+    recorded with its sha256 in the run's config.yaml."""
+    import hashlib
+
+    import numpy as np
+    import yaml
+
+    from datasets.noise import NoiseFileError
+    from processor.trainer import train
+
+    missing = tmp_path / "noiseindex" / "SynthPEDES_0.5.npy"
+    cfg = _synth_cfg(tiny_clip_path, micro_root, tmp_path / "runs", noisy_rate=0.5, noisy_file=str(missing),
+                     batch_size=64, img_aug=False, txt_aug=False)
+    with pytest.raises(NoiseFileError, match="2024-CVPR-RDE/noiseindex"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "runs").exists() and not missing.parent.exists()
+    import train as train_cli  # the command line says the same, without a traceback
+    assert train_cli.main(["device=cpu", f"noisy_file={missing}", "noisy_rate=0.5",
+                           f"output_dir={tmp_path / 'runs'}"]) == 2
+    assert "2024-CVPR-RDE/noiseindex" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+    # The release's files are read as they are (int64 permutation), and identified in the run.
+    from datasets import build_dataset
+    n = len(build_dataset("SynthPEDES", micro_root).train)
+    index = np.arange(n)
+    index[: n // 2] = np.roll(index[: n // 2], 1)
+    missing.parent.mkdir()
+    np.save(missing, index)
+    train(cfg, str(tmp_path / "runs" / "noisy"), progress=False)
+    saved = yaml.safe_load((tmp_path / "runs" / "noisy" / "config.yaml").read_text())
+    assert saved["noisy_file"] == str(missing)
+    assert saved["noisy_file_sha256"] == hashlib.sha256(missing.read_bytes()).hexdigest()
+    assert np.array_equal(np.load(missing), index)          # read, never rewritten
+
+
+# ------------------------------------------------------------------- UFine6926's 168 positions
+@pytest.mark.parametrize("mode", ["interpolate", "release_random"])
+def test_168_token_text_positions_from_clip(tiny_clip_path, pre_checkpoint, mode):
+    """Both releases resize the 77-row table with F.interpolate(posemb.reshape(1, 1, 77, D), 168,
+    mode='bilinear'), which gives [1, 168, 168]; copying that into the [168, D] table fails inside a
+    bare except, so the table keeps its random N(0, 0.01) init (and "+pre" skips it). Ours by
+    default: linear interpolation (the paper's text). clip_text_pos=release_random: the release."""
+    import torch.nn.functional as F
+
+    from model.clip import read_clip_state_dict
+
+    clip_pos = read_clip_state_dict(tiny_clip_path)["positional_embedding"].float()
+    width = clip_pos.shape[1]
+    released = F.interpolate(clip_pos.reshape(1, 1, 77, width), 168, mode="bilinear").squeeze(0)
+    assert released.shape == (1, 168, 168) != (168, width)          # the copy cannot succeed
+    torch.manual_seed(0)
+    model = build_model(_tiny("configs/rde_ufine6926.yaml", tiny_clip_path, clip_text_pos=mode))
+    table = model.state_dict()[TEXT_POS_KEY]
+    assert table.shape == (168, width)
+    if mode == "interpolate":
+        assert torch.equal(table, resize_text_pos_embed(clip_pos, 168))
+    else:
+        assert abs(float(table.std()) - 0.01) < 0.002                 # the random init, N(0, 0.01)
+        assert not torch.allclose(table[:77], clip_pos, atol=1e-3)
+        # "+pre" with the release's skip keeps that random table too.
+        path, _ = pre_checkpoint
+        pre = build_model(_tiny("configs/rde_ufine6926.yaml", tiny_clip_path, clip_text_pos=mode,
+                                init_checkpoint=path, init_text_pos="skip"))
+        assert abs(float(pre.state_dict()[TEXT_POS_KEY].std()) - 0.01) < 0.002
+    # At 77 tokens both modes load CLIP's table unchanged.
+    short = build_model(_tiny("configs/rde_cuhk_pedes.yaml", tiny_clip_path, clip_text_pos=mode))
+    assert torch.equal(short.state_dict()[TEXT_POS_KEY], clip_pos)

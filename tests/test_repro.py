@@ -111,9 +111,9 @@ def _main(argv, capsys, monkeypatch):
 def test_dry_run_real_world_prints_the_paper_commands(tmp_path, capsys, monkeypatch):
     out = _main(["all", "--world", "real", "--dry-run", "--root", "data", "--runs", str(tmp_path / "runs"),
                  "--out", str(tmp_path / "res"), "--mllm", "/m/Qwen2-VL-7B-Instruct", "--lora", "/m/lora",
-                 "--gpus", "2", "--pre-checkpoint", "/m/nam.pth"], capsys, monkeypatch)
+                 "--gpus", "2", "--pre-checkpoint", "/m/pre"], capsys, monkeypatch)
     assert "torchrun --nproc_per_node 2 train.py --config configs/rde_cuhk_pedes.yaml" in out
-    assert "configs/icl_ufine6926.yaml" in out and "init_checkpoint=/m/nam.pth" in out
+    assert "configs/icl_ufine6926.yaml" in out and "init_checkpoint=/m/pre/best0.pth" in out
     assert "noisy_rate=0.8" in out and "-m rda generate --dataset RSTPReid" in out
     assert "test.py " + str(tmp_path / "runs" / "rde_CUHK-PEDES") + " --dataset ICFG-PEDES" in out
     assert "--xi 0.55" in out and "--lora /m/lora" in out
@@ -123,6 +123,57 @@ def test_dry_run_real_world_prints_the_paper_commands(tmp_path, capsys, monkeypa
         assert f"  {name}" in out
     assert "basis:" in out and "pairs/s" in out
     assert not os.path.exists(tmp_path / "res") and not os.path.exists(tmp_path / "runs")
+
+
+def _thi_lines(out):
+    return [line for line in out.splitlines() if " -m thi " in line]
+
+
+def test_real_plan_lists_what_it_will_not_run(tmp_path, capsys, monkeypatch):
+    """Before: without --lora the starred rows and Table 6 #1 ran THI on the base model; without
+    --pre-checkpoint group 2 vanished from the plan and its time; no SFT step; nine no-CCD runs."""
+    out = _main(["all", "--world", "real", "--dry-run", "--runs", str(tmp_path / "runs"),
+                 "--mllm", "/m/Qwen2-VL-7B-Instruct", "--gpus", "2"], capsys, monkeypatch)
+    # every THI command names its model's tuning: only Table 6 #2 runs without the LoRA, explicitly
+    assert _thi_lines(out) and all("--no-lora" in line for line in _thi_lines(out))
+    assert "[not run, would take ~" in out and "#1 + RDA + THI on CUHK-PEDES: needs THI's LoRA-tuned MLLM" in out
+    assert "❶ ICL⋆ on RSTPReid: needs THI's LoRA-tuned MLLM" in out
+    assert "❷ ICL on ICFG-PEDES: group 2 (+pre) needs --pre-checkpoint" in out and "best1.pth" in out
+    assert "fig5: not run: needs THI's LoRA-tuned MLLM" in out
+    summary = out[out.index("not run as configured"):]
+    assert "table1" in summary and "table2" in summary and "sft" in summary
+    # the SFT step: inputs, commands and the supplement's estimate (11 h on two GPUs)
+    assert "[repro] sft: not run: pass --train-lora" in out and "would take ~11.7 h" in out  # 11 h + 4 x 10 min
+    assert out.count(" -m rda sft --run ") == 4 and "scripts/sft_lora.sh train /m/Qwen2-VL-7B-Instruct" in out
+    assert "dataset=icl_anchor_cuhk_pedes,icl_anchor_icfg_pedes,icl_anchor_rstpreid,icl_anchor_ufine6926" in out
+    # the noise table: the release's files, and one no-CCD run (RDE Table 2 #7: CUHK-PEDES, 50 %)
+    trains = [line for line in out.splitlines() if "train.py --config" in line]
+    assert sum("ccd=false" in line for line in trains if "rde-noccd" in line) == 1
+    assert any("rde-noccd_CUHK-PEDES_n0.5" in line and "noisy_file=noiseindex/CUHK-PEDES_0.5.npy" in line
+               for line in trains)
+    assert "noisy_file=noiseindex/RSTPReid_0.8.npy" in out and "(needs noiseindex/RSTPReid_0.8.npy" in out
+
+
+def test_real_plan_with_a_tuned_model(tmp_path, capsys, monkeypatch):
+    base = ["--world", "real", "--dry-run", "--runs", str(tmp_path / "runs"), "--mllm", "/m/base"]
+    out = _main(["table6", *base, "--merged-mllm", "/m/merged"], capsys, monkeypatch)
+    thi = _thi_lines(out)
+    assert sum("--model /m/merged --merged" in line for line in thi) == 3          # #1 on three sets
+    assert sum("--no-lora" in line and "--model /m/merged" not in line for line in thi) == 3  # #2
+    out = _main(["table1", *base, "--train-lora", "--datasets", "CUHK-PEDES,RSTPReid",
+                 "--pre-checkpoint", "CUHK-PEDES=/m/a.pth", "--pre-checkpoint", "RSTPReid=/m/b.pth"],
+                capsys, monkeypatch)
+    adapter = os.path.join(str(tmp_path / "runs"), "sft", "icl_lora")
+    assert out.index("anchor-localization LoRA") < out.index(" -m thi ")
+    assert all(f"--lora {adapter}" in line for line in _thi_lines(out))
+    assert "init_checkpoint=/m/a.pth" in out and "name=icl_RSTPReid_pre-b" in out
+    assert "icl_CUHK-PEDES_pre-a" in out and "not run" not in out
+    out = _main(["table5", *base, "--lora", "/m/l", "--datasets", "CUHK-PEDES", "--rde-weights",
+                 "CUHK-PEDES=/m/rde_best.pth"], capsys, monkeypatch)
+    assert "evaluate RDE's released weights on CUHK-PEDES" in out and "--weights /m/rde_best.pth" in out
+    from repro.cli import main
+    with pytest.raises(SystemExit, match="one file"):
+        main(["table1", *base, "--pre-checkpoint", os.path.join(ROOT, "README.md")])
 
 
 def test_dry_run_mini_world(tmp_path, capsys, monkeypatch):

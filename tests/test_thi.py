@@ -674,3 +674,26 @@ def test_empty_caption_is_refused(synth):
     with pytest.raises(ValueError, match=r"1 of \d+ queries have an empty caption \(first: query 3\)"):
         run_thi(synth["sim"], captions, t["img_paths"], ScriptedClient(lambda c, i: True),
                 synth["score"], progress=False)
+
+
+@pytest.mark.parametrize("one_at", ["anchor", "top1"])
+def test_eq6_sets_one_at_the_anchor_or_the_top1(one_at):
+    """Both codebases put S_bar = 1 at the anchor; the paper's Eq. 6 at the query's top-1 image
+    (--eq6-one-at top1). With S_bar = 0 elsewhere, each refined row is lam*S + (1-lam) at one column."""
+    names, sim, captions, script = _case_setup()
+    res = run_thi(sim, captions, IMAGES, ScriptedClient(lambda c, i: script[(c, i)]), _zero_scores(G),
+                  lam=0.8, xi=0.5, rounds=5, progress=False, one_at=one_at)
+    moved = 0
+    for q in range(len(names)):
+        if res.refined[q] is None:
+            np.testing.assert_allclose(res.similarity[q], sim[q], atol=1e-6)
+            continue
+        col = res.anchors[q] if one_at == "anchor" else int(np.argmax(sim[q]))
+        want = 0.8 * sim[q]
+        want[col] += 0.2
+        np.testing.assert_allclose(res.similarity[q], want, atol=1e-6)
+        moved += int(res.anchors[q] != np.argmax(sim[q]))
+    assert moved > 0  # some anchors are not the top-1: the two rules differ on them
+    with pytest.raises(ValueError, match="one_at"):
+        run_thi(sim, captions, IMAGES, ScriptedClient(lambda c, i: script[(c, i)]), _zero_scores(G),
+                progress=False, one_at="top-1")

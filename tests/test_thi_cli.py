@@ -65,6 +65,15 @@ def test_cli_runs_thi_and_writes_outputs(run_dir, synth_root, capsys):
                                                        "final_similarity.npy")), final)
 
 
+def test_cli_names_an_untuned_mllm_above_its_table(run_dir, synth_root, capsys):
+    """--no-lora (Table 6 #2) is said above THI's table, so its numbers are never read as ICL⋆."""
+    out = os.path.join(run_dir, "thi_nolora_check")
+    assert main(_args(run_dir, synth_root, "--rounds", "1", "--no-lora", "--out", out)) == 0
+    printed = capsys.readouterr().out
+    assert "MLLM without the ICL LoRA (--no-lora: Table 6 #2" in printed
+    assert printed.index("MLLM without the ICL LoRA") < printed.index("THI per round")
+
+
 def test_cli_sweep(run_dir, synth_root, capsys):
     out = os.path.join(run_dir, "sweep_out")
     assert main(["sweep", *_args(run_dir, synth_root, "--rounds", "2", "--lams", "0.7,0.9",

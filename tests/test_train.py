@@ -87,7 +87,7 @@ def test_ccd_flags_injected_noise(scratch_run, tiny_clip_path, synth300, tmp_pat
     run, _ = scratch_run
     cfg = tiny_cfg(tiny_clip_path, synth300, tmp_path, loss_names="InfoNCE", temperature=0.07, lr=1e-4,
                    warmup_epochs=0, num_epoch=2, eval_period=5, noisy_rate=0.4,
-                   noisy_file=str(tmp_path / "noise.npy"), init_checkpoint=os.path.join(run, "best.pth"))
+                   noisy_file=str(tmp_path / "noise.npy"), noise_draw=True, init_checkpoint=os.path.join(run, "best.pth"))
     history = train(cfg, str(tmp_path / "noisy"), progress=False)
     for record in history["epochs"]:
         assert record["noisy_precision"] > 0.8 and record["noisy_recall"] > 0.8, record
@@ -188,3 +188,35 @@ def test_ddp_gradients_equal_single_process(tiny_clip_path, tmp_path, loss):
     for name in single:
         err = (ddp[name] - single[name]).abs().max() / single[name].abs().max().clamp(min=1e-12)
         assert err < 1e-4, (name, float(err))
+
+
+@pytest.mark.parametrize("sync", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_sync_bn_statistics_equal_the_full_batch(tmp_path, sync):
+    """train_mode: train under DDP: with sync_bn the TSE BatchNorm normalises with, and keeps running
+    statistics of, the global batch (as one GPU on the whole batch); without it each rank's share.
+    Two gloo CPU processes with unequal shares (2 and 5 samples of 3 tokens)."""
+    import subprocess
+    import sys
+
+    from model.tse import MLP
+
+    x = torch.randn(7, 3, 8, generator=torch.Generator().manual_seed(2)) * 3 + 1
+    torch.save(x, tmp_path / "x.pt")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", SYNC_BN="1" if sync else "0")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "tests/ddp_bn_worker.py", str(tmp_path / "x.pt"), str(tmp_path / "bn.pt")],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ddp = torch.load(tmp_path / "bn.pt")
+    torch.manual_seed(0)
+    full = MLP(8, 6, 4, 2).train()
+    y = full(x)
+    y.sum().backward()
+    bn = full.bns[0]
+    same = (torch.allclose(ddp["running_mean"], bn.running_mean, atol=1e-5)
+            and torch.allclose(ddp["running_var"], bn.running_var, atol=1e-5)
+            and torch.allclose(ddp["out"], y.detach(), atol=1e-4))
+    assert same == sync
+    if sync:  # DDP averages the two ranks' gradients (x2 in the worker): the full batch's gradient
+        assert torch.allclose(ddp["grad"], full.layers[0].weight.grad, atol=1e-4)

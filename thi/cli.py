@@ -36,7 +36,14 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--backend", required=True, choices=BACKENDS, help="MLLM backend")
     ap.add_argument("--model", help="MLLM directory (vllm, transformers), e.g. "
                                     "Qwen2-VL-7B-Instruct")
-    ap.add_argument("--lora", help="LoRA adapter directory (vllm, transformers)")
+    ap.add_argument("--lora", help="LoRA adapter directory (vllm, transformers): the ICL LoRA "
+                                   "served unmerged on the base model in --model")
+    ap.add_argument("--merged", action="store_true",
+                    help="--model is the ICL LoRA merged into Qwen2-VL-7B-Instruct (the release's way, "
+                         "LLaMA-Factory export); the results folder and table say so")
+    ap.add_argument("--no-lora", action="store_true",
+                    help="the MLLM is the base model without the ICL LoRA (Table 6 #2, an ablation); "
+                         "the results folder and table say so")
     ap.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
     ap.add_argument("--served-model", help="model name on the server (openai backend); with "
                                            "'vllm serve --enable-lora' the adapter's name")
@@ -59,6 +66,9 @@ def _common(ap: argparse.ArgumentParser) -> None:
                          "within the text length (the prompt's 'concise')")
     ap.add_argument("--rounds", type=int, default=5, help="K, interaction rounds (paper: 5)")
     ap.add_argument("--temperature", type=float, default=0.01)
+    ap.add_argument("--release-sampling", action="store_true",
+                    help="vllm/transformers: sample at --temperature as the release does (vLLM at 0.01, "
+                         "unseeded there); default: below 0.05 decode greedily (reproducible)")
     ap.add_argument("--max-tokens", type=int, default=2048, help="MLLM reply limit (the release: 2048)")
     ap.add_argument("--cache-dir", help="MLLM response cache (default RUN/mllm_cache)")
     ap.add_argument("--micro-batch", type=int, help="requests per MLLM call; each call's answers "
@@ -83,6 +93,9 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                                               "0.55 with ICFG-PEDES as target)")
     run.add_argument("--out", help="results folder (default RUN/thi/TARGET/LABEL, LABEL naming "
                                    "the backend and model, e.g. vllm-Qwen2-VL-7B-Instruct+icl_lora)")
+    run.add_argument("--eq6-one-at", default="anchor", choices=("anchor", "top1"),
+                     help="where Eq. 6 sets the refined similarity to 1: the anchor (both codebases, "
+                          "default) or the base top-1 image (the paper's Eq. 6 as printed)")
     run.add_argument("--ask", default="needed", choices=("needed", "unrefined", "all"),
                      help="who is asked the localization question (same anchors; 'unrefined' "
                           "is the release's schedule)")
@@ -125,9 +138,30 @@ def load_eval_dir(run_dir: str, target: str, root: Optional[str]) -> dict:
             "captions": captions, "image_paths": image_paths, "gallery_feats": feats}
 
 
+def check_tuning(args) -> None:
+    """``--lora``, ``--merged`` and ``--no-lora`` name one way the MLLM was (not) tuned."""
+    given = [f for f, on in (("--lora", bool(getattr(args, "lora", None))),
+                             ("--merged", getattr(args, "merged", False)),
+                             ("--no-lora", getattr(args, "no_lora", False))) if on]
+    if len(given) > 1:
+        raise SystemExit(f"{' and '.join(given)} exclude each other: --lora ADAPTER (the ICL LoRA on the base "
+                         "model), --merged (--model holds the LoRA merged in), or --no-lora (the base model)")
+
+
+def tuning_note(args) -> str:
+    """One line naming the MLLM's tuning, printed above THI's table."""
+    if getattr(args, "no_lora", False):
+        return "MLLM without the ICL LoRA (--no-lora: Table 6 #2, an ablation, not the paper's THI)"
+    if getattr(args, "merged", False):
+        return f"MLLM: the ICL LoRA merged into {args.model} (--merged, the release's setting)"
+    if getattr(args, "lora", None):
+        return f"MLLM: {args.model} + the ICL LoRA adapter {args.lora} (served unmerged)"
+    return ""
+
+
 def mllm_label(args) -> str:
-    """The default results-folder name of the chosen MLLM: backend and model (and adapter), so
-    that different backends and models never share a results folder."""
+    """The default results-folder name of the chosen MLLM: backend and model (and adapter, or
+    ``+merged`` / ``+nolora``), so that different backends and models never share a results folder."""
     from utils.mllm.identity import label
 
     if args.backend == "simulated":
@@ -139,10 +173,13 @@ def mllm_label(args) -> str:
         if aggr != "keep":
             tag = f"{tag}-{aggr}" if tag else aggr
         return label("simulated", tag)
+    tag = ("+nolora" if getattr(args, "no_lora", False) else "+merged" if getattr(args, "merged", False)
+           else None)
     if args.backend == "openai":
-        return label("openai", args.served_model)
+        return label("openai", args.served_model, tag).replace("-+", "+")
+    sampled = "sampled" if getattr(args, "release_sampling", False) else None  # the release's decoding
     return label(args.backend, args.model, f"+{os.path.basename(os.path.normpath(args.lora))}"
-                 if args.lora else None).replace("-+", "+")
+                 if args.lora else tag, sampled).replace("-+", "+")
 
 
 def backend_options(args, root: Optional[str], target: str, cache_dir: str) -> dict:
@@ -193,6 +230,7 @@ def main(argv: Optional[list] = None) -> int:
     args = (sweep_ap if is_sweep else run_ap).parse_args(argv[1:] if is_sweep else argv)
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+    check_tuning(args)
     target, data, score, client, out = _prepare(args, "sweep" if is_sweep else "")
     progress = not args.no_progress
     common = dict(rounds=args.rounds, q_pids=data["q_pids"], g_pids=data["g_pids"], out_dir=out,
@@ -211,9 +249,11 @@ def main(argv: Optional[list] = None) -> int:
 
             xi = args.xi if args.xi is not None else TARGET_XI.get(target, DEFAULT_XI)
             result = run_thi(data["similarity"], data["captions"], data["image_paths"], client,
-                             score, lam=args.lam, xi=xi, ask=args.ask, **common)
+                             score, lam=args.lam, xi=xi, ask=args.ask, one_at=args.eq6_one_at, **common)
             if result.rounds and result.rounds[-1].get("metrics"):
                 from .report import rounds_table
+                if tuning_note(args):
+                    print(tuning_note(args))
                 print(rounds_table(result.base_metrics, result.rounds))
             print(f"THI results in {out}: rounds.json/csv, final_similarity.npy, rankings.npy, "
                   f"queries.jsonl, cost.json, thi.log")

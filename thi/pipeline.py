@@ -229,17 +229,22 @@ def _score(score_texts: Callable, texts: list, num_g: int) -> np.ndarray:
     return rows
 
 
+# Where Eq. 6 puts S_bar = 1: the anchor (both codebases) or the base top-1 (the paper's Eq. 6).
+ONE_AT = ("anchor", "top1")
+
+
 class _Interaction:
     """The stages of Algorithm 1 for one run, on its state (saved after every stage)."""
 
     def __init__(self, *, state: THIState, sim_base: np.ndarray, sim: np.ndarray, captions,
                  image_paths, client, score_texts, lam: float, xi: float, rounds: int,
                  ask: str, temperature: float, max_tokens: int, out_dir: Optional[str],
-                 metrics: Optional[Callable], logger):
+                 metrics: Optional[Callable], logger, one_at: str = "anchor"):
         self.state, self.sim_base, self.sim = state, sim_base, sim
         self.captions, self.image_paths = captions, image_paths
         self.client, self.score_texts = client, score_texts
         self.lam, self.xi, self.rounds, self.ask_scheme = lam, xi, rounds, ask
+        self.one_at = one_at
         self.temperature, self.max_tokens = temperature, max_tokens
         self.out_dir, self.metrics, self.logger = out_dir, metrics, logger
         self.cands, self.top1 = gating.candidates(sim_base, rounds)
@@ -349,7 +354,8 @@ class _Interaction:
         idx = np.asarray(st.pending, dtype=np.int64)
         if idx.size:
             rows = _score(self.score_texts, [st.refined[q] for q in idx], self.sim.shape[1])
-            self.sim[idx] = rerank_rows(self.sim_base[idx], rows, self.anchors[idx], self.lam)
+            ones = self.anchors[idx] if self.one_at == "anchor" else self.cands[idx, 0]
+            self.sim[idx] = rerank_rows(self.sim_base[idx], rows, ones, self.lam)
         rec["anchored_total"] = int((self.anchors >= 0).sum())
         rec["refined_total"] = int(sum(t is not None for t in st.refined))
         if self.metrics is not None:
@@ -374,7 +380,7 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
             score_texts: Callable[[list], "np.ndarray"], *, lam: float = 0.8, xi: float = 0.5,
             rounds: int = 5, q_pids=None, g_pids=None, out_dir: Optional[str] = None,
             temperature: float = 0.01, max_tokens: int = 2048, progress: bool = True,
-            ask: str = "needed") -> THIResult:
+            ask: str = "needed", one_at: str = "anchor") -> THIResult:
     """Run THI (Algorithm 1 + Eq. 6) and return the re-ranked similarity, anchors and texts.
 
     ``similarity``: base [Q, G] (tensor or array); ``captions``: the Q queries;
@@ -383,7 +389,9 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
     model's similarity of new query texts to the gallery. ``q_pids``/``g_pids`` enable
     per-round metrics. ``out_dir`` enables outputs and resuming. ``progress``: progress bar and
     log on the console. ``ask`` picks which queries are asked the localization question
-    (``gating.ASK_SCHEMES``; all give the same anchors).
+    (``gating.ASK_SCHEMES``; all give the same anchors). ``one_at``: where Eq. 6 sets the refined
+    similarity to 1: ``anchor`` (both codebases) or ``top1`` (the paper's Eq. 6 as printed: the
+    query's top-1 image of the base ranking).
     """
     from contextlib import nullcontext
 
@@ -397,6 +405,8 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
     _check_inputs(sim_base, captions, image_paths, rounds, xi, q_pids, g_pids)
     if ask not in gating.ASK_SCHEMES:
         raise ValueError(f"ask must be one of {gating.ASK_SCHEMES}, got {ask!r}")
+    if one_at not in ONE_AT:
+        raise ValueError(f"one_at must be one of {ONE_AT}, got {one_at!r}")
     num_q = sim_base.shape[0]
     metrics = None
     if q_pids is not None:
@@ -411,7 +421,7 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
     # The MLLM's identity belongs to the results: another model never gets this folder's results.
     fp = fingerprint(sim_base, captions, image_paths, lam=lam, xi=xi, rounds=rounds, ask=ask,
                      temperature=float(temperature), max_tokens=int(max_tokens),
-                     mllm=identity_info(client))
+                     mllm=identity_info(client), **({} if one_at == "anchor" else {"one_at": one_at}))
     state = None
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
@@ -439,7 +449,7 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
                            image_paths=image_paths, client=client, score_texts=score_texts,
                            lam=lam, xi=xi, rounds=rounds, ask=ask, temperature=temperature,
                            max_tokens=max_tokens, out_dir=out_dir, metrics=metrics,
-                           logger=logger)
+                           logger=logger, one_at=one_at)
         # Log lines go through tqdm.write so they do not break the progress bar.
         with logging_redirect_tqdm(loggers=[logger]) if progress else nullcontext():
             with tqdm(total=rounds, initial=state.round, desc="THI rounds",

@@ -28,6 +28,8 @@ DEFAULTS: dict[str, Any] = {
     "log_period": 100,
     "eval_period": 1,
     "distributed": False,        # set by train.py when started by torchrun (WORLD_SIZE > 1)
+    "sync_bn": True,             # under DDP: BatchNorm statistics over the global batch (processor/sync_bn.py);
+                                 # false: each GPU's share (matters with train_mode: train)
     "save_eval": True,           # write eval/<dataset>/ for the best epoch (THI reads it)
     # data
     "dataset_name": "CUHK-PEDES",
@@ -44,7 +46,11 @@ DEFAULTS: dict[str, Any] = {
     "test_batch_size": 512,
     "num_workers": 4,
     "noisy_rate": 0.0,
-    "noisy_file": None,          # index file of the shuffled pairs (created when missing)
+    "noisy_file": None,          # index file of the shuffled pairs: the release's noiseindex/<dataset>_<rate>.npy;
+                                 # a missing file is an error unless noise_draw (datasets/noise.py)
+    "noise_draw": False,         # true: draw a new permutation from seed when noisy_file is missing (saved
+                                 # there, never under a release name) or unset (not saved)
+    "noisy_file_sha256": None,   # filled by train.py: sha256 of the noise file read (the run's record)
     "rda": True,                 # true: RDA sub-sentences when the annotation file carries them | false |
                                  # required: refuse to train without them (the ICL configs)
     # model
@@ -52,6 +58,9 @@ DEFAULTS: dict[str, Any] = {
     "init_checkpoint": None,     # optional RDE/IRRA/our checkpoint to start from ("+pre" in the release)
     "init_text_pos": "interpolate",  # init_checkpoint's text position table of another length:
                                  # interpolate | skip (the release: keep the model's own table)
+    "clip_text_pos": "interpolate",  # CLIP's 77-row text position table into text_length != 77:
+                                 # interpolate (the paper) | release_random (both releases, effectively:
+                                 # the table keeps its random init N(0, 0.01); docs/DEVIATIONS.md)
     "stride_size": 16,
     "select_ratio": 0.3,
     "tse_embed_dim": 1024,
@@ -134,7 +143,7 @@ class ConfigError(ValueError):
 
 # Keys whose default is None (or whose default's type is not the whole story): accepted types.
 OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
-    "anno_file": (str,), "noisy_file": (str,), "init_checkpoint": (str,), "emb_lr": (float,),
+    "anno_file": (str,), "noisy_file": (str,), "noisy_file_sha256": (str,), "init_checkpoint": (str,), "emb_lr": (float,),
 }
 # Keys that may also be a bool (YAML reads "amp: false" as a bool; resolve_amp treats it as none).
 ALSO_BOOL = {"amp"}
@@ -144,7 +153,7 @@ NON_NEGATIVE = {"num_workers", "warmup_epochs", "lr", "weight_decay", "temperatu
 CHOICES = {"sampler": ("random", "identity"), "val_dataset": ("val", "test"),
            # release switches (docs/DEVIATIONS.md)
            "train_mode": ("train", "release_icl"), "ccd_loss_pass": ("eval_transform", "train_loader"),
-           "init_text_pos": ("interpolate", "skip")}
+           "init_text_pos": ("interpolate", "skip"), "clip_text_pos": ("interpolate", "release_random")}
 _TYPE_NAMES = {bool: "a boolean (true/false)", int: "an integer", float: "a number (float)", str: "a string",
                list: "a list"}
 

@@ -25,11 +25,13 @@ RUN_MARKERS = ("config.yaml", "last.pth", "best.pth", "metrics.json")
 # Keys that never change the trained weights nor what the run reports: may differ on resume.
 RESUME_FREE = frozenset({
     "resume", "resume_change", "distributed", "name", "output_dir", "log_period", "num_workers",
-    "test_batch_size", "save_eval"})
+    "test_batch_size", "save_eval",
+    "noise_draw"})  # the permutation itself is pinned by noisy_file / noisy_file_sha256 / seed
 # Keys that change the run but are legitimately changed on resume (more epochs, another GPU, data
 # moved): only with an explicit ``resume_change=[key, ...]``.
 RESUME_OPT_IN = frozenset({
-    "num_epoch", "eval_period", "device", "amp", "root_dir", "pretrain_choice", "init_checkpoint"})
+    "num_epoch", "eval_period", "device", "amp", "root_dir", "pretrain_choice", "init_checkpoint",
+    "noisy_file_sha256"})  # runs saved before the noise file was recorded have none
 # Folders of the run that the trainer writes to (cleaned of temp files at the start).
 _TRAIN_SUBDIRS = ("", "ccd", "eval", "tb")
 

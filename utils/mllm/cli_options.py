@@ -49,6 +49,8 @@ def client_options(args, dataset_dir: Optional[str], cache_dir: str) -> dict:
             device = getattr(args, "device", None)
             if device not in (None, "", "auto"):
                 opts["device"] = device
+        if getattr(args, "release_sampling", False):
+            opts["sample_low_temperature"] = True
         dtype = default_dtype(args.backend, getattr(args, "dtype", None))
         if dtype:
             opts["dtype"] = dtype

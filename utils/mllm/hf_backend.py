@@ -6,7 +6,9 @@ adapter applied without merging (as vLLM applies a LoRA), on CPU or a GPU.
 Sampling rule shared with the vLLM backend (:func:`is_greedy`): a temperature below
 ``GREEDY_BELOW`` (0.05) is decoded greedily. The paper asks for 0.01, which is sampling only in
 name (near-ties aside, it is the argmax); treating it as greedy makes runs reproducible and lets
-both backends agree token for token.
+both backends agree token for token. The release samples at 0.01 (vLLM ``SamplingParams``);
+``sample_low_temperature=True`` (``--release-sampling``) does the same, and says so in the
+client's identity (results folders, cache keys).
 
 The image rule, also shared: the client resizes each image itself to the pixel budget
 (``images.prepare_image``: Qwen's ``smart_resize``, as ``qwen_vl_utils`` did in the original
@@ -26,8 +28,11 @@ from .images import PATCH_FACTOR, MAX_ASPECT_RATIO, prepare_image
 GREEDY_BELOW = 0.05
 
 
-def is_greedy(temperature: float) -> bool:
-    """True when ``temperature`` is decoded greedily (< ``GREEDY_BELOW``) by our backends."""
+def is_greedy(temperature: float, sample_low_temperature: bool = False) -> bool:
+    """True when ``temperature`` is decoded greedily by our backends: 0, or below ``GREEDY_BELOW``
+    unless ``sample_low_temperature`` (the release: sampling at 0.01)."""
+    if sample_low_temperature:
+        return temperature <= 0.0
     return temperature < GREEDY_BELOW
 
 
@@ -81,7 +86,8 @@ class TransformersClient(BaseClient):
                  device: "str | None" = None, dtype: str = "auto", batch_size: int = 8,
                  seed: int = 0, cache_dir: "str | os.PathLike | None" = None,
                  min_pixels: int = DEFAULT_PIXELS, max_pixels: int = DEFAULT_PIXELS,
-                 max_batch: "int | None | str" = "auto", retry_unusable: bool = True):
+                 max_batch: "int | None | str" = "auto", retry_unusable: bool = True,
+                 sample_low_temperature: bool = False):
         if max_batch == "auto":  # one model.generate batch: a kill loses at most that one
             max_batch = batch_size if isinstance(batch_size, int) and batch_size >= 1 else None
         super().__init__(cache_dir=cache_dir, min_pixels=min_pixels, max_pixels=max_pixels,
@@ -97,12 +103,15 @@ class TransformersClient(BaseClient):
         self._model = None
         self._processor = None
         self._sampling_calls = 0
+        self.sample_low_temperature = bool(sample_low_temperature)
         self._identity: "dict | None" = None
 
     def identity_info(self) -> dict:
         if self._identity is None:
             from .identity import local_identity
             self._identity = local_identity(self.backend, self.model_dir, self.adapter_dir, self.dtype)
+            if self.sample_low_temperature:
+                self._identity["sampling"] = "release"
         return dict(self._identity)
 
     def identity(self) -> str:
@@ -169,7 +178,7 @@ class TransformersClient(BaseClient):
         import copy
         _, model = self._load()
         gc = copy.deepcopy(model.generation_config)
-        greedy = is_greedy(temperature)
+        greedy = is_greedy(temperature, self.sample_low_temperature)
         gc.update(max_new_tokens=int(max_tokens), do_sample=not greedy, num_beams=1,
                   repetition_penalty=1.0)
         if greedy:  # unset, not neutral: transformers warns about sampling flags when greedy

@@ -105,7 +105,7 @@ class VLLMClient(BaseClient):
                  cache_dir: "str | os.PathLike | None" = None,
                  min_pixels: int = DEFAULT_PIXELS, max_pixels: int = DEFAULT_PIXELS,
                  max_batch: "int | None | str" = "auto", engine_kwargs: "dict | None" = None,
-                 retry_unusable: bool = True):
+                 retry_unusable: bool = True, sample_low_temperature: bool = False):
         super().__init__(cache_dir=cache_dir, min_pixels=min_pixels, max_pixels=max_pixels,
                          max_batch=max_batch, retry_unusable=retry_unusable)
         self.model_dir = check_model_dir(model)
@@ -124,12 +124,15 @@ class VLLMClient(BaseClient):
                                     max_lora_rank=lora_rank(self.lora_dir))
         self.engine_args.update(engine_kwargs or {})
         self._llm = None
+        self.sample_low_temperature = bool(sample_low_temperature)
         self._identity: "dict | None" = None
 
     def identity_info(self) -> dict:
         if self._identity is None:
             from .identity import local_identity
             self._identity = local_identity(self.backend, self.model_dir, self.lora_dir, self.dtype)
+            if self.sample_low_temperature:
+                self._identity["sampling"] = "release"
         return dict(self._identity)
 
     def identity(self) -> str:
@@ -185,7 +188,8 @@ class VLLMClient(BaseClient):
         """One ``llm.chat`` call for the whole batch; vLLM's RequestOutputs, same order."""
         llm = self._engine()  # first: it turns a missing vLLM into an MLLMError
         from vllm import SamplingParams
-        params = SamplingParams(temperature=0.0 if is_greedy(temperature) else float(temperature),
+        params = SamplingParams(temperature=0.0 if is_greedy(temperature, self.sample_low_temperature)
+                                else float(temperature),
                                 max_tokens=int(max_tokens), skip_special_tokens=True,
                                 ignore_eos=ignore_eos)
         lora = self._lora_request(use_lora)
