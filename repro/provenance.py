@@ -60,7 +60,7 @@ def collect(jobs: Sequence, world=None, command: str = "") -> dict:
     commit, dirty = _git()
     runs = []
     for j in jobs:
-        if j.seed is None and not j.label.startswith(("train", "THI", "evaluate")):
+        if j.seed is None and not j.label.startswith(("train", "THI", "evaluate", "RDA")):
             continue
         rec = j.recorded() or {}
         runs.append({"dir": j.run_dir or os.path.dirname(j.done_file), "identity": j.key(),
