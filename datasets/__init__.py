@@ -11,14 +11,16 @@ from typing import Any
 
 from .annotations import BaseDataset
 
-# name -> (module, class). Imported on use, so that ``python -m datasets.synthpedes`` does not
-# import its own module twice.
+# name -> (module, class), imported on use. The registry is how the system reaches the offline
+# world (``offline/``, a guest that imports the system, never the reverse): SynthPEDES is a name
+# here, not an import, so no module of datasets/ depends on offline/ (tests/test_layers.py).
+# On use only, also so that ``python -m offline.synthpedes`` does not import its module twice.
 _READERS: dict[str, tuple[str, str]] = {
-    "CUHK-PEDES": ("cuhkpedes", "CUHKPEDES"),
-    "ICFG-PEDES": ("icfgpedes", "ICFGPEDES"),
-    "RSTPReid": ("rstpreid", "RSTPReid"),
-    "UFine6926": ("ufine6926", "UFine6926"),
-    "SynthPEDES": ("synthpedes", "SynthPEDES"),
+    "CUHK-PEDES": ("datasets.cuhkpedes", "CUHKPEDES"),
+    "ICFG-PEDES": ("datasets.icfgpedes", "ICFGPEDES"),
+    "RSTPReid": ("datasets.rstpreid", "RSTPReid"),
+    "UFine6926": ("datasets.ufine6926", "UFine6926"),
+    "SynthPEDES": ("offline.synthpedes", "SynthPEDES"),
 }
 DATASET_NAMES: tuple[str, ...] = tuple(_READERS)
 
@@ -28,7 +30,7 @@ def get_reader(name: str) -> type[BaseDataset]:
     if name not in _READERS:
         raise ValueError(f"unknown dataset_name {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     module, cls = _READERS[name]
-    return getattr(importlib.import_module(f".{module}", __name__), cls)
+    return getattr(importlib.import_module(module), cls)
 
 
 def build_dataset(name: str, root: str | os.PathLike, anno_file: str | os.PathLike | None = None,

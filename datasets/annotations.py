@@ -7,13 +7,16 @@ readers behave identically (and exactly as IRRA's / RDE's readers on the officia
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, ClassVar
 
 from prettytable import PrettyTable
+
+from utils.errors import InputFileError
+from utils.images import ImageFileNotFound, image_problem
+from utils.io import check_utf8, read_json
 
 logger = logging.getLogger("ICL.datasets")
 
@@ -23,6 +26,10 @@ _MAX_REPORTED = 5
 
 TrainItem = tuple[int, int, str, str]          # (pid, image_id, absolute image path, caption)
 SubSentences = list[list[str]]                 # RDA: per caption, sub-sentences x alternatives
+
+
+class AnnotationNotFound(InputFileError, FileNotFoundError):
+    """A benchmark's annotation file is not where the reader looks."""
 
 
 def _split_dict() -> dict[str, list]:
@@ -62,6 +69,8 @@ class BaseDataset:
         for index, record in enumerate(records):
             by_split[record["split"]].append((index, record))
         self.num_images = {s: len(v) for s, v in by_split.items()}
+        for split, items in by_split.items():
+            self._check_duplicates(split, items)
 
         self.train, self.train_rda, self.train_id_container = self._build_train(by_split["train"])
         self.val, self.val_id_container = self._build_eval(by_split["val"])
@@ -75,7 +84,7 @@ class BaseDataset:
         if anno_file is not None:
             path = Path(anno_file).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(
+                raise AnnotationNotFound(
                     f"{self.name}: annotation file {path} (given as anno_file) does not exist; "
                     f"pass an existing JSON file or anno_file=None for {self.dataset_dir / self.anno_names[0]}")
             return path.resolve()
@@ -83,7 +92,7 @@ class BaseDataset:
             if (self.dataset_dir / candidate).is_file():
                 return self.dataset_dir / candidate
         expected = self.dataset_dir / self.anno_names[0]
-        raise FileNotFoundError(
+        raise AnnotationNotFound(
             f"{self.name}: annotation file {expected} not found. Put the official {self.name} "
             f"annotation JSON there (a list of records with fields 'id', '{self.path_field}', "
             f"'captions', 'split'"
@@ -140,19 +149,57 @@ class BaseDataset:
                 split["captions"].append(caption)
         return split, set(split["image_pids"])
 
+    def _check_duplicates(self, split: str, items: list[tuple[int, dict]]) -> None:
+        """An image listed twice in an evaluation split enters the gallery twice (181 images for
+        180, every metric moved): refused. In ``train`` it only weights that image's captions
+        twice, which a derived file may intend: reported, not refused. The official files of
+        the four benchmarks list each image once (as do IRRA's / RDE's readers, which keep
+        every record)."""
+        first: dict[str, int] = {}
+        pairs: list[tuple[int, int, str]] = []
+        for index, record in items:
+            path = record[self.path_field]
+            if path in first:
+                pairs.append((first[path], index, path))
+            else:
+                first[path] = index
+        if not pairs:
+            return
+        shown = "\n  ".join(f"records {a} and {b}: {p}" for a, b, p in pairs[:_MAX_REPORTED])
+        more = f"\n  ... and {len(pairs) - _MAX_REPORTED} more" if len(pairs) > _MAX_REPORTED else ""
+        message = (f"{self.anno_path}: {len(pairs)} image(s) listed twice in the '{split}' split "
+                   f"(same '{self.path_field}'):\n  {shown}{more}")
+        if split == "train":
+            logger.warning("%s\nTheir captions are trained as listed (each copy is a separate image).", message)
+            return
+        raise InputFileError(message + "\nA gallery image listed twice is ranked twice and moves every "
+                             "metric: remove the copies (or merge their captions into one record)")
+
     def _check_images(self, record_of: dict[str, int] | None = None) -> None:
+        """Every referenced image exists and its header decodes (an empty or non-image file
+        fails here, at start-up, not at the first batch that draws it)."""
         paths = sorted({p for _, _, p, _ in self.train} | set(self.val["img_paths"])
                        | set(self.test["img_paths"]))
+        record_of = record_of or {}
+
+        def listing(bad: list[str], why: dict[str, str] | None = None) -> str:
+            shown = "\n  ".join(p + (f" (record {record_of[p]})" if p in record_of else "")
+                                 + (f": {why[p]}" if why else "") for p in bad[:_MAX_REPORTED])
+            more = f"\n  ... and {len(bad) - _MAX_REPORTED} more" if len(bad) > _MAX_REPORTED else ""
+            return f"\n  {shown}{more}"
+
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            record_of = record_of or {}
-            shown = "\n  ".join(p + (f" (record {record_of[p]})" if p in record_of else "")
-                                 for p in missing[:_MAX_REPORTED])
-            more = f"\n  ... and {len(missing) - _MAX_REPORTED} more" if len(missing) > _MAX_REPORTED else ""
-            raise FileNotFoundError(
+            raise ImageFileNotFound(
                 f"{self.name}: {len(missing)} of {len(paths)} images referenced by {self.anno_path} are "
                 f"missing; expected them under {self.img_dir}/ (the '{self.path_field}' field is "
-                f"relative to it):\n  {shown}{more}")
+                f"relative to it):{listing(missing)}")
+        problems = {p: why for p in paths if (why := image_problem(p)) is not None}
+        if problems:
+            bad = sorted(problems)
+            raise InputFileError(
+                f"{self.name}: {len(bad)} of {len(paths)} images referenced by {self.anno_path} cannot be "
+                f"read:{listing(bad, problems)}\nRe-copy them from the dataset (or remove their records)")
 
     # ------------------------------------------------------------------ report
     def summary(self) -> str:
@@ -187,26 +234,22 @@ class BaseDataset:
 # ---------------------------------------------------------------------- validation
 def load_records(path: Path, path_field: str) -> list[dict[str, Any]]:
     """Read and validate an annotation JSON list; errors name the file, record and field."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); expected a list of image records") from err
+    records = read_json(path, fix="expected a list of image records; restore the official file")
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of image records, got {type(records).__name__}")
+        raise InputFileError(f"{path}: expected a JSON list of image records, got {type(records).__name__}")
     for index, record in enumerate(records):
         validate_record(record, index, path, path_field)
     return records
 
 
-def _bad(path: Path, index: int, field: str, problem: str) -> ValueError:
-    return ValueError(f"{path}: record {index}: field '{field}' {problem}")
+def _bad(path: Path, index: int, field: str, problem: str) -> InputFileError:
+    return InputFileError(f"{path}: record {index}: field '{field}' {problem}")
 
 
 def validate_record(record: Any, index: int, path: Path, path_field: str) -> None:
     """Check one record's fields (and normalise ``id`` / ``diversity_captions`` in place)."""
     if not isinstance(record, dict):
-        raise ValueError(f"{path}: record {index} is a {type(record).__name__}, expected an object "
+        raise InputFileError(f"{path}: record {index} is a {type(record).__name__}, expected an object "
                          f"with fields 'id', '{path_field}', 'captions', 'split'")
     for field in ("id", path_field, "captions", "split"):
         if field not in record:
@@ -223,6 +266,12 @@ def validate_record(record: Any, index: int, path: Path, path_field: str) -> Non
     captions = record["captions"]
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
         raise _bad(path, index, "captions", "must be a list of strings")
+    for field, text in [(path_field, record[path_field])] + [(f"captions[{k}]", c) for k, c in enumerate(captions)]:
+        # A JSON escape such as \udcff decodes to a lone surrogate: it tokenizes, then crashes
+        # every UTF-8 write of the text (eval/captions.json, the MLLM's prompts).
+        if (problem := check_utf8(text)) is not None:
+            raise _bad(path, index, field, problem + "; fix or remove the text (the file was probably "
+                                                      "decoded with the wrong encoding when it was made)")
     if "diversity_captions" in record:
         record["diversity_captions"] = _normalise_rda(record["diversity_captions"], len(captions),
                                                       index, path)
@@ -251,6 +300,9 @@ def _normalise_rda(value: Any, num_captions: int, index: int, path: Path) -> lis
                     or not all(isinstance(a, str) for a in alts)):
                 raise _bad(path, index, f"{field}[{k}][{j}]",
                            "must be a string or a non-empty list of strings (the sub-sentence and its rewrites)")
+            for a in alts:
+                if (problem := check_utf8(a)) is not None:
+                    raise _bad(path, index, f"{field}[{k}][{j}]", problem + "; fix or remove the text")
             norm.append(list(alts))
         out.append(norm)
     return out

@@ -10,17 +10,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from utils.images import read_rgb
+
 from .annotations import SubSentences, TrainItem
 from .text_aug import txt_aug as augment_tokens
 
 
 def read_image(path: str) -> Image.Image:
-    """Open an image as RGB; the error names the file."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"image {path} not found (check root_dir and the dataset's imgs/ folder)") from err
+    """Open an image as 8-bit RGB (16-bit scaled, not clipped); every error names the file."""
+    return read_rgb(path)
 
 
 def _tokenize(caption: str, text_length: int) -> torch.Tensor:

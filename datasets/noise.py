@@ -127,7 +127,14 @@ def build_noise_index(num: int, noisy_rate: float, noisy_file: str | os.PathLike
     path = Path(noisy_file) if noisy_file is not None else None
     if path is not None and path.is_file():
         logger.info("loading the noisy-pair index from %s", path)
-        return _check_index(np.load(path), num, path)
+        try:
+            index = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            from utils.errors import InputFileError
+            raise InputFileError(f"noisy_file {path} cannot be read as a .npy index ({type(err).__name__}: "
+                                 f"{err}); it is truncated or not an index file. Delete it (a new one is "
+                                 "drawn from the seed) or point noisy_file at the right file") from err
+        return _check_index(index, num, path)
     rng = np.random.default_rng(seed)
     selected = rng.permutation(num)[: int(noisy_rate * num)]
     index = np.arange(num, dtype=np.int64)

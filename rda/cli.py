@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Optional
 
+from utils.errors import cli_errors
 from utils.mllm.cli_options import client_options
 
 BACKENDS = ("vllm", "openai", "transformers", "simulated")
@@ -101,8 +102,8 @@ def run_generate(args) -> int:
     from .generate import default_paths, run_rda
 
     dataset = build_dataset(args.dataset, args.root, args.anno_file, check_images=False)
-    with open(dataset.anno_path, encoding="utf-8") as f:
-        records = json.load(f)
+    from utils.io import read_json
+    records = read_json(dataset.anno_path)  # validated by build_dataset just above
     out = args.out or os.path.splitext(str(dataset.anno_path))[0] + ".rda.json"
     if os.path.abspath(out) == os.path.abspath(str(dataset.anno_path)):
         raise SystemExit(f"--out {out} is the input annotation file; choose another path")
@@ -170,6 +171,7 @@ def run_sft(args) -> int:
     return 0
 
 
+@cli_errors("python -m rda")
 def main(argv: Optional[list] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # The openai SDK's HTTP client logs every request at INFO: thousands of lines per stage.

@@ -1,6 +1,7 @@
 """Filters for RDA's text pieces (sub-sentences and rewrites): drop empty, duplicated,
 uninformative ("not visible", "cannot be determined") and gibberish pieces, and tidy the rest;
-and the tests of whole answers (:func:`looks_like_vqa_reply`, :func:`looks_like_sentences`).
+and, re-exported from ``utils.mllm.parsing`` (where the stage runner's answer rules use them),
+the tests of whole answers (:func:`looks_like_vqa_reply`, :func:`looks_like_sentences`).
 
 Gibberish: a broken or random model (or a server answering something else) returns text that
 parses as lines but is no English: letter salad, token soup, markup. A piece is kept only when
@@ -16,6 +17,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from utils.mllm.parsing import (COMMON_WORDS, looks_like_english, looks_like_sentences,
+                                looks_like_vqa_reply)
+
+__all__ = ["COMMON_WORDS", "FilterCounts", "clean_pieces", "is_uninformative",
+           "looks_like_english", "looks_like_sentences", "looks_like_vqa_reply", "normalize",
+           "split_sentences", "tidy"]
+
 # Pieces that only say an attribute could not be seen carry no information for training, and an
 # "unknown shoes" sub-sentence would teach the text encoder a false attribute.
 _UNINFORMATIVE = re.compile(
@@ -29,21 +37,6 @@ _UNINFORMATIVE = re.compile(
 _SPACES = re.compile(r"\s+")
 _NORM_DROP = re.compile(r"[^a-z0-9 ]+")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-_WORD_SHAPE = re.compile(r"[A-Za-z]{1,20}(?:['’-][A-Za-z]{1,20})*")
-_VOWEL = re.compile(r"[aeiouyAEIOUY]")
-_STRIP = ".,;:!?()[]{}\"'“”‘’*_`#/"
-COMMON_WORDS = frozenset("""
-a an the this that these those his her he she him it its they them their there here one some
-is are was were be been being has have had does do did wears wearing worn wear carries carrying
-carry holds holding hold seems appears looks walking standing sitting riding
-and or but with without of in on at to from by for over under near behind into while also
-no not yes very light dark long short pair large small both only other
-person man woman men women boy girl lady guy people male female
-hair shirt t-shirt top jacket coat sweater hoodie dress skirt pants trousers jeans shorts shoes
-sneakers boots sandals bag backpack handbag hat cap glasses sunglasses scarf belt sleeves
-sleeve sleeved collar stripes striped pattern patterns logo color colored colour background
-black white red blue green yellow gray grey brown pink purple orange beige navy khaki
-""".split())
 
 
 @dataclass
@@ -81,33 +74,6 @@ def tidy(text: str) -> str:
 def is_uninformative(text: str) -> bool:
     """True for pieces that say an attribute is not visible / cannot be determined."""
     return bool(_UNINFORMATIVE.search(text))
-
-
-def looks_like_english(text: str) -> bool:
-    """True when ``text`` reads as English words (see the module docstring), False for
-    gibberish."""
-    tokens = [t.strip(_STRIP) for t in text.split()]
-    tokens = [t for t in tokens if t]
-    if not tokens:
-        return False
-    shaped = sum(bool(_WORD_SHAPE.fullmatch(t) and _VOWEL.search(t)) for t in tokens)
-    if shaped < 0.8 * len(tokens):
-        return False
-    if len(tokens) < 3:
-        return True  # "Female.", "Black backpack.": VQA answers may be one or two words
-    return any(t.lower() in COMMON_WORDS for t in tokens)
-
-
-def looks_like_vqa_reply(parsed: list[str]) -> bool:
-    """A VQA answer parsed into sub-sentences (``parse_vqa``) is a reply when it has any and
-    most of them read as English."""
-    return bool(parsed) and sum(map(looks_like_english, parsed)) * 2 > len(parsed)
-
-
-def looks_like_sentences(lines: list[str]) -> bool:
-    """A decomposition or rewriting answer parsed into lines is a sentence set when it has
-    any and most of them read as English."""
-    return looks_like_vqa_reply(lines)
 
 
 def clean_pieces(pieces: list[str], counts: FilterCounts, *, exclude: tuple[str, ...] = (),

@@ -12,16 +12,19 @@ The result per caption is ``diversity_captions[i]``: a list of sub-sentences, ea
 strings (the sub-sentence first, then its distinct rewrites), the layout the ICL authors released.
 
 Resume: every stage keeps its usable raw answers in an append-only log under ``<out>.state/``,
-keyed by the stage's input (image path, caption, text), and asks the client only for keys it
+keyed by the stage's input (the image's content digest, the one the MLLM cache uses, so a changed
+image is asked again; caption; text), and asks the client only for keys it
 lacks; the client's own cache (``<out>.state/mllm_cache`` by default) holds every usable answer as
 soon as its micro-batch returns, so a kill loses at most one micro-batch. Parsing and filtering
 run again from the raw answers each time, so a killed run ends with the same file as an
 uninterrupted one.
 
-Unusable answers (empty, unparseable, or not looking like a VQA reply, a sentence or a sentence
-set: see ``filters``) are counted in ``parse_failures``, never become ``diversity_captions`` (the
-caption falls back to its own sentences), are not kept, and are asked again by the next run; a
-stage with mostly unusable answers is a loud warning in the log and in the summary.
+Requests, answer rules, counts and the "mostly unusable" banner are the MLLM client's stage runner
+(``utils.mllm.stages``), shared with THI and the search page. Unusable answers (empty,
+unparseable, or not looking like a VQA reply, a sentence or a sentence set) are counted in
+``parse_failures``, never become ``diversity_captions`` (the caption falls back to its own
+sentences), are not kept, and are asked again by the next run; a stage with mostly unusable
+answers is a loud warning in the log and in the summary.
 """
 from __future__ import annotations
 
@@ -32,13 +35,26 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from utils.mllm import Request
-from utils.mllm.parsing import parse_lines, parse_vqa
-from utils.mllm.prompts import PROMPT_VERSION, aggr_prompt, dec_prompt, rwt_prompt, vqa_prompt
+from tqdm import tqdm
 
-from .filters import (FilterCounts, clean_pieces, looks_like_english, looks_like_sentences,
-                      looks_like_vqa_reply, split_sentences)
+from utils.errors import InputFileError, ProjectError
+from utils.io import read_json
+
+from utils.mllm import Request
+from utils.mllm.identity import identity_info
+from utils.mllm.images import image_digest
+from utils.mllm.parsing import parse_lines, parse_vqa
+from utils.mllm.prompts import PROMPT_VERSION
+from utils.mllm.stages import (StageRunner, aggr_request, clean_aggregation, dec_request,
+                               report_unusable, rwt_request, usable, vqa_request)
+
+from .filters import FilterCounts, clean_pieces, split_sentences
 from .store import AnswerLog, atomic_write_json
+
+
+class StateMismatch(ProjectError, ValueError):
+    """An RDA resume state made with other settings than this run's."""
+
 
 log = logging.getLogger("rda")
 
@@ -47,8 +63,6 @@ STATE_FORMAT = 1
 # Decomposed sub-sentences and rewrites are full sentences ("He is male." has 3 words); shorter
 # pieces are list residue or truncated answers. VQA answers may be one word ("Female.").
 MIN_WORDS = 3
-# A stage whose answers are unusable more often than this is a loud warning.
-MOSTLY_UNUSABLE = 0.5
 IMAGE_KEYS = ("file_path", "img_path")  # CUHK-PEDES/ICFG-PEDES/UFine6926 vs RSTPReid
 
 
@@ -93,6 +107,8 @@ class RDASummary:
     rewrites_kept: dict = field(default_factory=dict)
     filtered: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
+    # torn or unreadable lines of the MLLM cache skipped while loading it (answers asked again)
+    cache_skipped_lines: int = 0
 
     def as_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -124,10 +140,11 @@ class RDAGenerator:
         # This run's unusable answers: parsed (as failures) but never logged, so asked again.
         self.unusable: dict = {s: {} for s in STAGES}
         self.summary = RDASummary(rewrites_requested=self.m)
+        self.runner = StageRunner(client, temperature=self.temperature,
+                                  max_tokens=self.max_tokens, chunk_size=self.chunk_size)
 
     # --- state ---------------------------------------------------------------------------
     def _meta(self) -> dict:
-        from utils.mllm.identity import identity_info
         return {"format": STATE_FORMAT, "prompt_version": PROMPT_VERSION,
                 "temperature": self.temperature, "max_tokens": self.max_tokens,
                 "client": identity_info(self.client)}
@@ -137,11 +154,14 @@ class RDAGenerator:
         path = os.path.join(state_dir, "meta.json")
         meta = self._meta()
         if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                old = json.load(f)
+            old = read_json(path, fix=f"delete {state_dir} to start over (its answers are asked again) "
+                                      "or write to another --out")
+            if not isinstance(old, dict):
+                raise InputFileError(f"{path}: expected a JSON object of RDA settings, got "
+                                     f"{type(old).__name__}; delete {state_dir} to start over")
             diff = [k for k in meta if old.get(k) != meta[k]]
             if diff:
-                raise ValueError(
+                raise StateMismatch(
                     f"RDA resume state {state_dir} was made with other settings ({', '.join(diff)}: "
                     f"{ {k: old.get(k) for k in diff} } vs now { {k: meta[k] for k in diff} }); "
                     f"delete that folder to start over or write to another --out")
@@ -149,18 +169,11 @@ class RDAGenerator:
             atomic_write_json(path, meta, indent=2)
 
     # --- one stage -----------------------------------------------------------------------
-    def _run_stage(self, stage: str, keys: Sequence[str], make_request: Callable[[str], Request],
-                   accept: Callable[[str], bool]) -> None:
+    def _run_stage(self, stage: str, keys: Sequence[str],
+                   make_request: Callable[[str], Request]) -> None:
         """Ask the client for every key of ``stage`` not yet answered, in chunks; each chunk's
-        usable answers (``accept``) are persisted before the next chunk is sent."""
+        usable answers are persisted before the next chunk is sent."""
         answers = self.logs[stage]
-        import inspect
-        try:
-            params = inspect.signature(self.client.generate).parameters
-            extra = ({"accept": accept} if "accept" in params
-                     or any(p.kind is p.VAR_KEYWORD for p in params.values()) else {})
-        except (TypeError, ValueError):
-            extra = {}
         unique = list(dict.fromkeys(keys))
         pending = [k for k in unique if k not in answers]
         self.unusable[stage] = {}
@@ -168,22 +181,17 @@ class RDAGenerator:
         self.summary.requests_this_run[stage] = len(pending)
         if not pending:
             return
-        from tqdm import tqdm
         bar = tqdm(total=len(pending), desc=f"RDA {stage}", unit="req", disable=not self.progress)
+
+        def keep(start: int, outs: list) -> None:
+            chunk = pending[start:start + len(outs)]
+            answers.add_many((k, a) for k, a in zip(chunk, outs) if usable(stage, a))
+            self.unusable[stage].update((k, a) for k, a in zip(chunk, outs)
+                                        if not usable(stage, a))
+            bar.update(len(chunk))
+
         try:
-            for start in range(0, len(pending), self.chunk_size):
-                chunk = pending[start:start + self.chunk_size]
-                outs = self.client.generate([make_request(k) for k in chunk],
-                                            temperature=self.temperature, max_tokens=self.max_tokens,
-                                            **extra)
-                if len(outs) != len(chunk):
-                    raise RuntimeError(f"MLLM client returned {len(outs)} answers for {len(chunk)} "
-                                       f"{stage} requests")
-                good = [(k, a) for k, a in zip(chunk, outs) if isinstance(a, str) and accept(a)]
-                self.unusable[stage].update((k, a) for k, a in zip(chunk, outs)
-                                            if not (isinstance(a, str) and accept(a)))
-                answers.add_many(good)
-                bar.update(len(chunk))
+            self.runner.ask(stage, [make_request(k) for k in pending], on_chunk=keep)
         finally:
             bar.close()
 
@@ -193,16 +201,10 @@ class RDAGenerator:
         return log_[key] if key in log_ else self.unusable[stage].get(key, "")
 
     def _warn_if_mostly_unusable(self, stage: str, failed: int, total: int) -> None:
-        if total and failed / total > MOSTLY_UNUSABLE:
-            line = (f"MOSTLY UNUSABLE: {failed} of {total} RDA {stage} answers were empty, "
-                    f"unparseable or gibberish; their captions fall back to their own "
-                    f"sentences. Check the model (--model, --lora, --served-model) and that it "
-                    f"follows the prompt; these answers are asked again next run")
-            self.summary.warnings.append(line)
-            log.warning("%s\n%s\n%s", "!" * 78, line, "!" * 78)
-        elif failed:
-            log.warning("%d of %d RDA %s answers were empty, unparseable or gibberish (asked "
-                        "again next run)", failed, total, stage)
+        banner = report_unusable(log, f"RDA {stage}", failed, total,
+                                 "their captions fall back to their own sentences")
+        if banner:
+            self.summary.warnings.append(banner)
 
     def _image_path(self, rel: str) -> str:
         return os.path.join(self.image_root, rel)
@@ -210,105 +212,109 @@ class RDAGenerator:
     # --- the pipeline --------------------------------------------------------------------
     def run(self, pairs: list[Pair]) -> dict[tuple[int, int], list[list[str]]]:
         """All four stages over ``pairs``; returns ``{(record, caption): diversity_captions}``."""
-        s = self.summary
-        s.pairs = len(pairs)
+        self.summary.pairs = len(pairs)
+        digests = self._image_digests(pairs)
+        self.failures = {st: 0 for st in STAGES}
+        self.counts = {st: FilterCounts() for st in ("vqa", "dec", "rwt")}
+        subtexts = self._vqa(digests)
+        aggr_keys = [json.dumps([digests[p.image], p.text], ensure_ascii=False) for p in pairs]
+        aggregated = self._aggregate(aggr_keys, subtexts)
+        texts = list(dict.fromkeys(aggregated.values()))
+        subs = self._decompose(texts)
+        sentences = list(dict.fromkeys(x for t in texts for x in subs[t]))
+        groups = self._rewrite(sentences)
+        result = {(pair.record, pair.caption): [list(groups[x]) for x in subs[aggregated[key]]]
+                  for pair, key in zip(pairs, aggr_keys)}
+        self._summarise(result, [len(groups[x]) - 1 for x in sentences])
+        return result
+
+    def _image_digests(self, pairs: list[Pair]) -> dict[str, str]:
+        """``{relative path: content digest}`` of every distinct image: VQA answers are keyed by
+        what the image shows, so changed pixels are asked again."""
         images = list(dict.fromkeys(p.image for p in pairs))
-        s.images = len(images)
-        missing = [r for r in images if r not in self.logs["vqa"]
-                   and not os.path.isfile(self._image_path(r))]
+        self.summary.images = len(images)
+        missing = [r for r in images if not os.path.isfile(self._image_path(r))]
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} training images not found under image_root {self.image_root!r}, "
                 f"e.g. {self._image_path(missing[0])!r}; check --root / the dataset's image folder")
-        failures = {st: 0 for st in STAGES}
-        counts = {st: FilterCounts() for st in ("vqa", "dec", "rwt")}
+        return {rel: image_digest(self._image_path(rel)) for rel in images}
 
-        # 1. VQA, once per distinct image.
-        self._run_stage("vqa", images, lambda rel: Request(vqa_prompt(), image=self._image_path(rel)),
-                        _usable_vqa)
+    def _vqa(self, digests: dict[str, str]) -> dict[str, list[str]]:
+        """1. VQA once per distinct image content: ``{digest: sub-sentences}``."""
+        paths = {d: self._image_path(rel) for rel, d in digests.items()}
+        keys = list(paths)
+        self._run_stage("vqa", keys, lambda d: vqa_request(paths[d]))
         subtexts = {}
-        for rel in images:
-            parsed = parse_vqa(self._answer("vqa", rel))
-            usable = looks_like_vqa_reply(parsed)
-            failures["vqa"] += not usable
-            subtexts[rel] = clean_pieces(parsed, counts["vqa"]) if usable else []
-        self._warn_if_mostly_unusable("vqa", failures["vqa"], len(images))
+        for d in keys:
+            answer = self._answer("vqa", d)
+            ok = usable("vqa", answer)
+            self.failures["vqa"] += not ok
+            subtexts[d] = clean_pieces(parse_vqa(answer), self.counts["vqa"]) if ok else []
+        self._warn_if_mostly_unusable("vqa", self.failures["vqa"], len(keys))
+        return subtexts
 
-        # 2. Aggregation of each caption with its image's answers (text only).
-        aggr_keys = [json.dumps([p.image, p.text], ensure_ascii=False) for p in pairs]
+    def _aggregate(self, aggr_keys: list[str], subtexts: dict) -> dict[str, str]:
+        """2. Aggregation of each caption with its image's answers (text only):
+        ``{key: description}``, the caption itself where the answer is unusable."""
 
-        def aggr_request(key: str) -> Request:
-            rel, caption = json.loads(key)
-            return Request(aggr_prompt(caption, subtexts[rel]))
+        def request(key: str) -> Request:
+            digest, caption = json.loads(key)
+            return aggr_request(caption, subtexts[digest])
 
-        self._run_stage("aggr", aggr_keys, aggr_request, _usable_aggr)
+        self._run_stage("aggr", aggr_keys, request)
         aggregated = {}
-        unique_aggr = list(dict.fromkeys(aggr_keys))
-        for key in unique_aggr:
-            text = _strip_output_label(self._answer("aggr", key))
-            usable = bool(text) and looks_like_english(text)
-            failures["aggr"] += not usable
-            aggregated[key] = text if usable else json.loads(key)[1]  # else the caption itself
-        self._warn_if_mostly_unusable("aggr", failures["aggr"], len(unique_aggr))
+        unique = list(dict.fromkeys(aggr_keys))
+        for key in unique:
+            answer = self._answer("aggr", key)
+            ok = usable("aggr", answer)
+            self.failures["aggr"] += not ok
+            aggregated[key] = clean_aggregation(answer) if ok else json.loads(key)[1]
+        self._warn_if_mostly_unusable("aggr", self.failures["aggr"], len(unique))
+        return aggregated
 
-        # 3. Decomposition into attribute sub-sentences.
-        texts = list(dict.fromkeys(aggregated.values()))
-        self._run_stage("dec", texts, lambda t: Request(dec_prompt(t)), _usable_lines)
+    def _decompose(self, texts: list[str]) -> dict[str, list[str]]:
+        """3. Decomposition into attribute sub-sentences; an unusable answer (or one whose
+        pieces are all filtered) falls back to the description's own sentences."""
+        self._run_stage("dec", texts, dec_request)
         subs = {}
         for text in texts:
-            lines = parse_lines(self._answer("dec", text))
-            pieces = (clean_pieces(lines, counts["dec"], min_words=MIN_WORDS)
-                      if looks_like_sentences(lines) else [])
-            if not pieces:  # unusable answer: fall back to the description's own sentences
-                failures["dec"] += 1
+            answer = self._answer("dec", text)
+            pieces = (clean_pieces(parse_lines(answer), self.counts["dec"], min_words=MIN_WORDS)
+                      if usable("dec", answer) else [])
+            if not pieces:
+                self.failures["dec"] += 1
                 pieces = (clean_pieces(split_sentences(text), FilterCounts(), min_words=MIN_WORDS)
                           or [text])  # a caption must keep at least one sub-sentence
             subs[text] = pieces
-        self._warn_if_mostly_unusable("dec", failures["dec"], len(texts))
+        self._warn_if_mostly_unusable("dec", self.failures["dec"], len(texts))
+        return subs
 
-        # 4. m rewrites of every distinct sub-sentence.
-        sentences = list(dict.fromkeys(x for t in texts for x in subs[t]))
+    def _rewrite(self, sentences: list[str]) -> dict[str, list[str]]:
+        """4. ``m`` rewrites of every distinct sub-sentence: ``{sentence: [it, *rewrites]}``."""
         rwt_keys = [_rwt_key(self.m, x) for x in sentences]
-        self._run_stage("rwt", rwt_keys, lambda k: Request(rwt_prompt(_rwt_sentence(k), self.m)),
-                        _usable_lines)
+        self._run_stage("rwt", rwt_keys, lambda k: rwt_request(_rwt_sentence(k), self.m))
         groups = {}
         for sentence, key in zip(sentences, rwt_keys):
-            lines = parse_lines(self._answer("rwt", key))
-            usable = looks_like_sentences(lines)
-            failures["rwt"] += not usable
-            rewrites = clean_pieces(lines, counts["rwt"], exclude=(sentence,),
-                                    min_words=MIN_WORDS)[:self.m] if usable else []
+            answer = self._answer("rwt", key)
+            ok = usable("rwt", answer)
+            self.failures["rwt"] += not ok
+            rewrites = clean_pieces(parse_lines(answer), self.counts["rwt"], exclude=(sentence,),
+                                    min_words=MIN_WORDS)[:self.m] if ok else []
             groups[sentence] = [sentence, *rewrites]
-        self._warn_if_mostly_unusable("rwt", failures["rwt"], len(sentences))
+        self._warn_if_mostly_unusable("rwt", self.failures["rwt"], len(sentences))
+        return groups
 
-        # Assemble per caption and summarise.
-        result = {}
-        for pair, key in zip(pairs, aggr_keys):
-            result[(pair.record, pair.caption)] = [list(groups[x]) for x in subs[aggregated[key]]]
-        per_caption = [len(v) for v in result.values()]
-        kept = [len(groups[x]) - 1 for x in sentences]
-        s.parse_failures = failures
-        s.filtered = {k: c.as_dict() for k, c in counts.items()}
-        s.sub_sentences_per_caption = _describe(per_caption)
+    def _summarise(self, result: dict, kept: list[int]) -> None:
+        s = self.summary
+        s.parse_failures = dict(self.failures)
+        s.filtered = {k: c.as_dict() for k, c in self.counts.items()}
+        s.sub_sentences_per_caption = _describe([len(v) for v in result.values()])
         s.rewrites_kept = {
             "total": sum(kept), "per_sub_sentence": _describe(kept),
             "sub_sentences_with_all_m": sum(k == self.m for k in kept),
             "fraction_of_requested": (sum(kept) / (self.m * len(kept))) if kept else 0.0,
         }
-        return result
-
-
-def _usable_vqa(answer: str) -> bool:
-    return looks_like_vqa_reply(parse_vqa(answer))
-
-
-def _usable_aggr(answer: str) -> bool:
-    text = _strip_output_label(answer)
-    return bool(text) and looks_like_english(text)
-
-
-def _usable_lines(answer: str) -> bool:
-    return looks_like_sentences(parse_lines(answer))
 
 
 def _rwt_key(m: int, sentence: str) -> str:
@@ -317,14 +323,6 @@ def _rwt_key(m: int, sentence: str) -> str:
 
 def _rwt_sentence(key: str) -> str:
     return key.split("\t", 1)[1]
-
-
-def _strip_output_label(text: str) -> str:
-    """An aggregation answer without an echoed "Output:" label and surrounding quotes."""
-    s = (text or "").strip()
-    if s.lower().startswith("output:"):
-        s = s[len("output:"):].strip()
-    return s.strip("\"'“”").strip()
 
 
 def _describe(values: list[int]) -> dict:
@@ -400,6 +398,9 @@ def run_rda(records: list[dict], client, *, image_root: "str | os.PathLike[str]"
     augmented = gen.run(pairs)
     gen.summary.records_augmented = len(chosen)
     gen.summary.limit = limit
+    stats = getattr(client, "stats", None)
+    gen.summary.cache_skipped_lines = int(stats.get("cache_skipped_lines", 0)
+                                          if isinstance(stats, dict) else 0)
 
     chosen_set = set(chosen)
     out = []

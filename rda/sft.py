@@ -151,14 +151,18 @@ def write_llamafactory_dataset(records: list[dict], out_dir: "str | os.PathLike[
     if relative_images:
         records = [{**r, "images": [os.path.relpath(os.path.abspath(p), out_dir) for p in r["images"]]}
                    for r in records]
-    file_name = f"{name}.json"
-    atomic_write_json(os.path.join(out_dir, file_name), records, indent=1)
     info_path = os.path.join(out_dir, "dataset_info.json")
     info = {}
     if os.path.exists(info_path):
-        import json
-        with open(info_path, encoding="utf-8") as f:
-            info = json.load(f)
+        from utils.io import read_json
+        info = read_json(info_path, fix="delete it (it is rewritten with this dataset; other datasets "
+                                        "listed in it must then be exported again) or choose another --out")
+        if not isinstance(info, dict):
+            from utils.errors import InputFileError
+            raise InputFileError(f"{info_path}: expected LLaMA-Factory's dataset_info object, got "
+                                 f"{type(info).__name__}; delete it or choose another --out")
+    file_name = f"{name}.json"  # written after dataset_info.json was read: a refusal writes nothing
+    atomic_write_json(os.path.join(out_dir, file_name), records, indent=1)
     info[name] = dataset_info_entry(file_name)
     atomic_write_json(info_path, info, indent=2)
     return os.path.join(out_dir, file_name)

@@ -8,10 +8,13 @@ answers are appended and fsync'ed in one go; a line cut short by a kill is dropp
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Iterable
 
-from utils.io import atomic_write_json  # noqa: F401  (re-exported for rda's modules)
+from utils.io import atomic_write_json, disk_full_named  # noqa: F401  (atomic_write_json: re-exported)
+
+logger = logging.getLogger("ICL.rda")
 
 
 class AnswerLog:
@@ -25,24 +28,31 @@ class AnswerLog:
     def __init__(self, path: "str | os.PathLike[str] | None"):
         self.path = None if path is None else os.fspath(path)
         self.data: dict[str, str] = {}
+        self.torn = 0  # lines skipped on load (cut by a kill, or not UTF-8 / JSON)
         if self.path is not None and os.path.exists(self.path):
             self._load()
 
     def _load(self) -> None:
-        good_lines, torn = [], False
-        with open(self.path, encoding="utf-8") as f:
+        # Bytes, not text: a kill can cut the last line inside a UTF-8 character, which a text
+        # read would turn into a UnicodeDecodeError that blocks every resume.
+        good_lines: list[bytes] = []
+        self.torn = 0
+        with open(self.path, "rb") as f:
             for line in f:
                 try:
-                    entry = json.loads(line)
+                    entry = json.loads(line.decode("utf-8"))
                     key, value = entry["k"], entry["v"]
-                except (ValueError, KeyError, TypeError):
-                    torn = True
+                except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
+                    self.torn += 1
                     continue
                 self.data[key] = value
-                good_lines.append(line if line.endswith("\n") else line + "\n")
-        if torn:
+                good_lines.append(line if line.endswith(b"\n") else line + b"\n")
+        if self.torn:
+            logger.warning("%s: skipped %d torn or unreadable line(s) (a write cut by a kill); their "
+                           "answers are asked again. %d answers kept", self.path, self.torn, len(self.data))
             tmp = self.path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
+            with open(tmp, "wb") as f, disk_full_named(tmp, sum(map(len, good_lines)),
+                                                       kept=f"{self.path} is unchanged"):
                 f.writelines(good_lines)
                 f.flush()
                 os.fsync(f.fileno())
@@ -64,8 +74,9 @@ class AnswerLog:
         if self.path is None or not items:
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        payload = "".join(json.dumps({"k": k, "v": v}, ensure_ascii=False) + "\n" for k, v in items)
-        with open(self.path, "a", encoding="utf-8") as f:
+        payload = "".join(json.dumps({"k": k, "v": v}, ensure_ascii=False) + "\n"
+                          for k, v in items).encode("utf-8")
+        with disk_full_named(self.path, len(payload)), open(self.path, "ab") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())

@@ -12,6 +12,7 @@ histograms, xi), fig5 (Rank@Avg over xi and over lambda), fig6 (per THI round), 
 before/after THI), all. Mini world: every row runs with --seeds seeds; effects carry a 95%
 interval and a verdict. Run directories are the cache: a finished run is reused only when its
 resolved config is the same (its record beside the result says which config made it).
+The `preflight TABLES...` sub-command checks every input of those tables (repro/preflight.py).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import os
 import sys
 import time
 from typing import Optional
+
+from utils.errors import cli_errors
 
 SUBCOMMANDS = ("table1", "table2", "table34", "table5", "table6", "rda_modes", "rde_noise",
                "fig3", "fig5", "fig6", "fig7")
@@ -137,7 +140,12 @@ def _pre_checkpoints(items):
     return out
 
 
+@cli_errors("python -m repro")
 def main(argv: Optional[list] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["preflight"]:  # checks the inputs only (repro/preflight.py); starts no job
+        from .preflight import main as preflight
+        return preflight(argv[1:])
     args = build_parser().parse_args(argv)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     os.chdir(root)  # train.py, test.py and the configs are addressed from the repository root

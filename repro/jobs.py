@@ -125,7 +125,7 @@ def py(*args: Arg) -> list:
 # Commands that can also run as a function call in this process (``--in-process``): the same
 # ``main(argv)`` the script runs, without a fresh interpreter and torch import per job.
 _ENTRIES = {"train.py": "train", "test.py": "test", "thi": "thi.cli", "rda": "rda.cli",
-            "datasets.synthpedes": "datasets.synthpedes"}
+            "offline.synthpedes": "offline.synthpedes"}
 
 
 def entry_point(argv: Sequence[str]):

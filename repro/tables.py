@@ -347,8 +347,8 @@ def rde_noise(world: World, runner: Runner, out_dir: str) -> dict:
         out = []
         for ds in sets:
             for rate in rates:
-                get = lambda label: next((r for r in rows if r["row"] == label and r["set"] == ds  # noqa: E731
-                                          and r["noise"] == f"{rate:g}" and r["status"] == "ok"), None)
+                get = lambda label: next((r for r in rows if r["row"] == label and r["set"] == ds  # noqa: E731, B023
+                                          and r["noise"] == f"{rate:g}" and r["status"] == "ok"), None)  # noqa: B023
                 a, b = get("RDE best"), get("RDE without CCD best")
                 if a and b:
                     p_hi = paper.metrics("rde_ablation", M5, row="#1", noise=f"{rate:g}", test=world.paper_dataset(ds))

@@ -16,6 +16,8 @@ from typing import Optional
 
 import yaml
 
+from thi import defaults as thi_defaults
+
 from . import results
 from .jobs import Job, Lazy, digest, file_digest, py
 
@@ -153,7 +155,8 @@ class RealWorld(World):
     def __init__(self, *, root: str, runs: str, datasets, gpus: int = 1, mllm_args=(),
                  lora: Optional[str] = None, rda_files: Optional[dict] = None,
                  pre_checkpoint=None, irra_weights: Optional[dict] = None,
-                 rounds: int = 5, lam: float = 0.8, configs: str = "configs",
+                 rounds: int = thi_defaults.ROUNDS, lam: float = thi_defaults.LAMBDA,
+                 configs: str = "configs",
                  sweep_lams="0.5,0.6,0.7,0.8,0.9", sweep_xis="0.4,0.45,0.5,0.55,0.6",
                  noise_dir: str = "noiseindex", merged_mllm: Optional[str] = None,
                  train_lora: bool = False, base_mllm: Optional[str] = None,
@@ -398,8 +401,8 @@ class MiniWorld(World):
             self.domains[ds] = dom
         self.datasets = tuple(self.domains)
         thi = {**cfg.get("thi", {}), **sc.get("thi", {})}
-        self.xi, self.lam = thi.get("xi", "auto"), float(thi.get("lam", 0.8))
-        self.rounds = int(thi.get("rounds", 5))
+        self.xi, self.lam = thi.get("xi", "auto"), float(thi.get("lam", thi_defaults.LAMBDA))
+        self.rounds = int(thi.get("rounds", thi_defaults.ROUNDS))
         self.profiles = {"calibrated": "tiny-qwen2vl", "oracle": "oracle",
                          "nolora": "untuned-tiny-qwen2vl", **(cfg.get("mllm_profiles") or {})}
         rda = cfg.get("rda", {})
@@ -462,13 +465,14 @@ class MiniWorld(World):
         """Jobs that write the domain's SynthPEDES folder and the pre-trained tiny CLIP."""
         d = self.domains[dataset]
         folder = os.path.join(d["root"], "SynthPEDES")
-        argv = py("-m", "datasets.synthpedes", folder, "--num-ids", str(d["num_ids"]),
+        argv = py("-m", "offline.synthpedes", folder, "--num-ids", str(d["num_ids"]),
                   "--images-per-id", str(d.get("images_per_id", 2)),
                   "--captions-per-image", str(d.get("captions_per_image", 2)),
                   "--seed", str(d.get("seed", 0)))
         jobs = [Job(f"generate the {dataset} domain (SynthPEDES, seed {d.get('seed', 0)})", argv,
                     os.path.join(folder, "reid_raw.json"), seconds=d["num_ids"] * 0.02,
-                    basis=self.basis(), identity=digest("data", argv[1:]), run_dir=folder)]
+                    # identity: the generator's parameters (not the module path, which may move)
+                    basis=self.basis(), identity=digest("data", argv[4:]), run_dir=folder)]
         cmd = self.cfg.get("pretrain_command")
         if cmd:
             argv = [a.replace("{out}", self.pretrained) for a in shlex.split(cmd)]

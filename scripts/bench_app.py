@@ -5,6 +5,13 @@ clients on 127.0.0.1, for galleries of 3k and 100k images, side by side.
     python scripts/bench_app.py                       # CLIP ViT-B/16's text tower (random weights)
     python scripts/bench_app.py --model tiny          # the tests' tiny CLIP
     python scripts/bench_app.py --galleries 3000 --requests 80
+    python scripts/bench_app.py --model tiny --galleries 3000 --compare ../before   # old code too
+    python scripts/bench_app.py --model tiny --galleries 3000 --bomb 8   # pixel-bomb memory
+
+``--compare DIR`` serves the same benchmark with the code in DIR (e.g. ``git archive REV |
+tar -x -C DIR``) beside this checkout's, for HTTP search and feedback latency side by side.
+``--bomb N`` posts N 13000x13000 one-colour PNGs (518 KB each) at once and reports the
+server's resident memory before, at its peak and after.
 
 The gallery features are random unit vectors (BGE 512-d, TSE 1024-d as in RDE): the cost of a
 step does not depend on their values. The text encoder has CLIP ViT-B/16's text tower shape
@@ -56,7 +63,7 @@ class StubMLLM:
 
 def build_model(kind: str, folder: str):
     from model import build_model as build
-    from model.tiny_clip import write_random_clip
+    from offline.tiny_clip import write_random_clip
     from utils.config import load_config
 
     sizes = {} if kind == "tiny" else dict(embed_dim=512, text_width=512, text_layers=12,
@@ -121,8 +128,12 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def serve(num_g: int, port: int, kind: str) -> None:
-    """Subprocess mode: serve an engine over a synthetic gallery until killed."""
+def serve(num_g: int, port: int, kind: str, code: str = "") -> None:
+    """Subprocess mode: serve an engine over a synthetic gallery until killed (with the code
+    in ``code`` instead of this checkout's when given)."""
+    if code:
+        sys.path.insert(0, os.path.abspath(code))
+        os.chdir(code)
     import torch
 
     from thi.app import create_app
@@ -135,17 +146,84 @@ def serve(num_g: int, port: int, kind: str) -> None:
     serve_app(create_app(engine), "127.0.0.1", port)
 
 
-def search_throughput(num_g: int, kind: str, clients: int, per_client: int) -> dict:
-    import httpx
+def _start(num_g: int, kind: str, code: str = ""):
+    from thi.app.launch import start_server
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    from thi.app.launch import start_server
-
     proc = start_server([sys.executable, os.path.abspath(__file__), "--serve", str(num_g),
-                         "--port", str(port), "--model", kind], cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
+                         "--port", str(port), "--model", kind, "--code", code], cwd=ROOT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _memory_kb(pid: int) -> dict:
+    """VmRSS and VmHWM (peak resident) of ``pid`` in kB (Linux /proc)."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1])
+    return out
+
+
+def bomb_memory(num_g: int, kind: str, parallel: int, code: str = "") -> dict:
+    """Post ``parallel`` 13000x13000 PNGs at once; the server's memory before/peak/after."""
+    import httpx
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from test_app import _huge_png
+
+    bomb = _huge_png(13000, 13000)
+    proc, url = _start(num_g, kind, code)
+    try:
+        with httpx.Client() as warm:
+            warm.post(url + "/api/search", data={"kind": "text", "text": QUERY})
+        before = _memory_kb(proc.pid)
+        statuses, seconds = [], []
+
+        def post():
+            t0 = time.perf_counter()
+            with httpx.Client(timeout=300) as http:
+                r = http.post(url + "/api/search", data={"kind": "image"},
+                              files={"image": ("bomb.png", bomb, "image/png")})
+            seconds.append(time.perf_counter() - t0)
+            statuses.append(r.status_code)
+
+        threads = [threading.Thread(target=post) for _ in range(parallel)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        after = _memory_kb(proc.pid)
+        return {"png_bytes": len(bomb), "parallel": parallel, "statuses": sorted(statuses),
+                "max_seconds": max(seconds), "rss_before_mb": before["VmRSS"] / 1024,
+                "peak_mb": after["VmHWM"] / 1024, "rss_after_mb": after["VmRSS"] / 1024,
+                "peak_growth_mb": (after["VmHWM"] - before["VmHWM"]) / 1024}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def feedback_latency(http, url: str, per_client: int, c: int, out: list) -> None:
+    """``per_client`` "not this one" answers on one session, each on the best candidate."""
+    d = http.post(url + "/api/search", data={"kind": "text", "text": f"{QUERY} f{c}"}).json()
+    for _ in range(per_client):
+        g = d["results"][0]["gallery_index"]
+        t0 = time.perf_counter()
+        r = http.post(url + "/api/feedback", json={"session": d["session"], "answer": "no",
+                                                   "gallery_index": g})
+        out.append(time.perf_counter() - t0)
+        if r.status_code != 200:
+            raise RuntimeError(f"feedback failed: {r.status_code} {r.text[:200]}")
+        d = r.json()
+
+
+def search_throughput(num_g: int, kind: str, clients: int, per_client: int,
+                      code: str = "") -> dict:
+    import httpx
+
+    proc, url = _start(num_g, kind, code)
     try:
         with httpx.Client() as warm:  # first requests pay one-off costs
             for i in range(3):
@@ -174,10 +252,21 @@ def search_throughput(num_g: int, kind: str, clients: int, per_client: int) -> d
         if errors:
             raise RuntimeError(f"{len(errors)} searches failed: {errors[:5]}")
         latencies.sort()
+        answers: list = []
+        threads = [threading.Thread(target=lambda c=c: feedback_latency(
+            httpx.Client(timeout=120), url, per_client, c, answers)) for c in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        answers.sort()
         return {"requests": len(latencies), "rps": len(latencies) / wall,
                 "server_cpu_ms": server_cpu / len(latencies) * 1e3,
                 "p50_ms": latencies[len(latencies) // 2] * 1e3,
-                "p95_ms": latencies[int(len(latencies) * 0.95) - 1] * 1e3}
+                "p95_ms": latencies[int(len(latencies) * 0.95) - 1] * 1e3,
+                "feedback_p50_ms": answers[len(answers) // 2] * 1e3 if answers else float("nan"),
+                "feedback_p95_ms": (answers[int(len(answers) * 0.95) - 1] * 1e3 if answers
+                                    else float("nan"))}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -193,12 +282,28 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=25, help="searches per client")
     ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument("--compare", metavar="DIR", help="also serve with the code in DIR (the "
+                                                     "version before), HTTP figures side by side")
+    ap.add_argument("--bomb", type=int, metavar="N", help="only: N parallel 13000x13000 PNG "
+                                                          "uploads, server memory before/peak/after")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--code", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.chdir(ROOT)
     if args.serve:
-        serve(args.serve, args.port, args.model)
+        serve(args.serve, args.port, args.model, args.code)
+        return 0
+    if args.bomb:
+        load = os.getloadavg()[0]
+        for label, code in [("this checkout", "")] + ([("--compare", args.compare)]
+                                                       if args.compare else []):
+            r = bomb_memory(int(args.galleries.split(",")[0]), args.model, args.bomb, code)
+            print(f"{label}: {r['parallel']} x {r['png_bytes'] // 1024} KB PNG of 13000x13000 "
+                  f"-> HTTP {r['statuses']} in at most {r['max_seconds']:.2f} s; server RSS "
+                  f"{r['rss_before_mb']:.0f} MB before, peak {r['peak_mb']:.0f} MB "
+                  f"(+{r['peak_growth_mb']:.0f}), {r['rss_after_mb']:.0f} MB after "
+                  f"(load average {load:.1f})")
         return 0
     import torch
 
@@ -214,6 +319,10 @@ def main(argv=None) -> int:
             rows.append({"gallery": num_g, **step_latency(engine, args.steps)})
     for row in rows:
         row.update(search_throughput(row["gallery"], args.model, args.clients, args.requests))
+        if args.compare:
+            old = search_throughput(row["gallery"], args.model, args.clients, args.requests,
+                                    args.compare)
+            row.update({f"before_{k}": v for k, v in old.items()})
     print(f"text tower: {args.model} ({'CLIP ViT-B/16 shape, random weights' if args.model == 'base' else 'tiny CLIP'}), "
           f"CPU threads {torch.get_num_threads()}, {os.cpu_count()} cores")
     print(f"load average before: {load:.1f} (wall times grow with other "
@@ -227,6 +336,23 @@ def main(argv=None) -> int:
         print(f"{r['gallery']:,} | {r['encode_eq6_ms']:.1f} | {r['view_ms']:.1f} | "
               f"{r['step_ms']:.1f} | {r['step_cpu_ms']:.1f} | {r['rps']:.1f} | "
               f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['server_cpu_ms']:.1f}")
+    if args.compare:
+        print(f"HTTP latency, this checkout vs {args.compare} ({args.clients} clients, "
+              f"{args.requests} searches then {args.requests} 'not this one' answers each):")
+        print("gallery | search p50 ms (before -> now) | search p95 ms | feedback p50 ms | "
+              "feedback p95 ms | search req/s | server CPU ms per search")
+        print("--- | --- | --- | --- | --- | --- | ---")
+        for r in rows:
+            print(f"{r['gallery']:,} | {r['before_p50_ms']:.0f} -> {r['p50_ms']:.0f} | "
+                  f"{r['before_p95_ms']:.0f} -> {r['p95_ms']:.0f} | "
+                  f"{r['before_feedback_p50_ms']:.1f} -> {r['feedback_p50_ms']:.1f} | "
+                  f"{r['before_feedback_p95_ms']:.1f} -> {r['feedback_p95_ms']:.1f} | "
+                  f"{r['before_rps']:.1f} -> {r['rps']:.1f} | "
+                  f"{r['before_server_cpu_ms']:.1f} -> {r['server_cpu_ms']:.1f}")
+    else:
+        print("gallery | feedback p50 ms | feedback p95 ms")
+        for r in rows:
+            print(f"{r['gallery']:,} | {r['feedback_p50_ms']:.1f} | {r['feedback_p95_ms']:.1f}")
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
         print(f"{b['gallery']:,} vs {a['gallery']:,} images: step x{b['step_ms'] / a['step_ms']:.2f}, "

@@ -9,7 +9,7 @@ give the same anchors, and THI's own overhead per query without the MLLM's time.
     python scripts/bench_thi.py --num-ids 1000 --error-rate 0.1
     python scripts/bench_thi.py --run work/runs/demo_synthpedes --root work/data   # a trained run
 
-Without ``--run`` the base similarity is model-free (``thi.synthetic.AttributeSimilarity``:
+Without ``--run`` the base similarity is model-free (``offline.synthetic.AttributeSimilarity``:
 attribute overlap, scaled, plus noise), so nothing needs training. Each schedule gets a fresh
 client without a cache, so every request is a real (simulated) MLLM call.
 """
@@ -23,6 +23,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from thi.defaults import LAMBDA, ROUNDS, XI  # noqa: E402  (needs ROOT on the path)
 
 SCHEMES = (("ours", "needed"), ("release", "unrefined"), ("naive", "all"))
 
@@ -75,8 +77,8 @@ def _inputs(args):
         return (data["similarity"], data["captions"], data["image_paths"], data["q_pids"],
                 data["g_pids"], score, attributes, f"run {args.run}")
     from datasets import build_dataset
-    from datasets.synthpedes import generate
-    from thi.synthetic import AttributeSimilarity
+    from offline.synthpedes import generate
+    from offline.synthetic import AttributeSimilarity
 
     root = args.root or tempfile.mkdtemp(prefix="bench_thi_")
     synth = os.path.join(root, "SynthPEDES")
@@ -104,9 +106,9 @@ def main(argv=None) -> int:
     ap.add_argument("--attributes", help="attributes.json for the simulated MLLM (with --run)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--error-rate", type=float, default=0.0)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--lam", type=float, default=0.8)
-    ap.add_argument("--xi", type=float, default=0.5)
+    ap.add_argument("--rounds", type=int, default=ROUNDS)
+    ap.add_argument("--lam", type=float, default=LAMBDA)
+    ap.add_argument("--xi", type=float, default=XI)
     args = ap.parse_args(argv)
 
     import numpy as np

@@ -20,7 +20,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from model.tiny_clip import write_random_clip  # noqa: E402
+from offline.tiny_clip import write_random_clip  # noqa: E402
 from solver import build_optimizer  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.device import autocast  # noqa: E402

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     pin_threads(args.threads)
     print(f"[demo] {args.threads} torch threads (pinned) on {machine_description()}")
 
-    from datasets.synthpedes import generate
+    from offline.synthpedes import generate
     from processor.evaluate import evaluate_run
     from processor.trainer import train
     from utils.config import load_config

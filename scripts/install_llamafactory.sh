@@ -9,6 +9,7 @@
 #        TORCHAUDIO_VERSION change the pins (only the defaults in requirements-llamafactory.txt
 #        were verified).
 set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${1:-.venv-llamafactory}
 LF_VERSION=${LLAMAFACTORY_VERSION:-0.9.5}
 TORCH_VERSION=${TORCH_VERSION:-2.11.0}
@@ -50,10 +51,16 @@ else
   # The torch trio is pinned together: LLaMA-Factory imports torchaudio at start-up and PyPI's
   # newest torchaudio (2.11.0) is built for torch 2.11.0; unpinned, pip would pair it with a
   # newer torch.
-  log "pip install llamafactory==$LF_VERSION torch==$TORCH_VERSION torchvision==$TV_VERSION torchaudio==$TA_VERSION"
+  # With the default pins, every other package at the version CI tested (constraints file: pip
+  # freeze of this venv); with changed pins, pip resolves the rest afresh.
+  constraints=()
+  if [ "$want" = "$(printf '%s\n' llamafactory==0.9.5 torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0)" ]; then
+    constraints=(-c "$ROOT/constraints-llamafactory.txt")
+  fi
+  log "pip install llamafactory==$LF_VERSION torch==$TORCH_VERSION torchvision==$TV_VERSION torchaudio==$TA_VERSION ${constraints[*]}"
   t=$SECONDS
   "$PY_ABS" -m pip install -q "llamafactory==$LF_VERSION" "torch==$TORCH_VERSION" \
-    "torchvision==$TV_VERSION" "torchaudio==$TA_VERSION" 2>&1 \
+    "torchvision==$TV_VERSION" "torchaudio==$TA_VERSION" "${constraints[@]}" 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" || true
   [ "$(installed)" = "$want" ] || { log "pip install failed: have $(installed | tr '\n' ' ')"; exit 1; }
   log "pip install took $((SECONDS - t)) s"

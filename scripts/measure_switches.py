@@ -39,8 +39,8 @@ def main(argv=None) -> int:
 
     import torch
     torch.set_num_threads(1)
-    from datasets.synthpedes import generate
-    from model.tiny_clip import write_random_clip
+    from offline.synthpedes import generate
+    from offline.tiny_clip import write_random_clip
     from processor.trainer import train
 
     out = os.path.abspath(args.out)

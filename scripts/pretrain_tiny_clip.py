@@ -2,9 +2,9 @@
 
     python scripts/pretrain_tiny_clip.py --out work/pretrained/tiny_clip_synthpretrain.pt
 
-The corpus (``datasets/synth_pretrain.py``) is drawn from another distribution than the
+The corpus (``offline/synth_pretrain.py``) is drawn from another distribution than the
 SynthPEDES benchmark (other identities and clothing mixes, richer and differently worded
-captions); the training is CLIP's (``processor/pretrain.py``). Skips when ``--out`` exists
+captions); the training is CLIP's (``offline/pretrain.py``). Skips when ``--out`` exists
 (``--force`` to redo); a killed run resumes from ``<out>.state``. Deterministic for a given
 ``--seed`` and ``--threads`` (torch's intra-op thread count changes float summation order, so
 another thread count gives slightly different weights).
@@ -24,7 +24,7 @@ from utils.determinism import DEFAULT_THREADS  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from processor.pretrain import PretrainSettings
+    from offline.pretrain import PretrainSettings
 
     d = PretrainSettings()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     from utils.determinism import machine_description, pin_threads
 
     pin_threads(args.threads)
-    from datasets.synth_pretrain import generate_corpus
-    from processor.pretrain import PretrainSettings, pretrain_clip
+    from offline.synth_pretrain import generate_corpus
+    from offline.pretrain import PretrainSettings, pretrain_clip
 
     settings = PretrainSettings(embed_dim=args.embed_dim, vision_width=args.width, vision_layers=args.layers,
                                 text_width=args.width, text_layers=args.layers, steps=args.steps,

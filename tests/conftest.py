@@ -77,7 +77,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def tiny_clip_path(tmp_path_factory) -> str:
     """A random CLIP (ViT, patch 16, width 64) saved as a plain state dict in OpenAI's layout."""
-    from model.tiny_clip import write_random_clip
+    from offline.tiny_clip import write_random_clip
 
     path = tmp_path_factory.mktemp("clip") / "tiny_clip.pt"
     write_random_clip(str(path))
@@ -106,7 +106,7 @@ def write_untrained_run(run, tiny_clip_path: str, synth_root: str) -> str:
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> str:
     """Data root holding SynthPEDES/ (CUHK-PEDES format + attributes.json), small and seeded."""
-    from datasets.synthpedes import generate
+    from offline.synthpedes import generate
 
     root = tmp_path_factory.mktemp("data")
     generate(root / "SynthPEDES", num_ids=40, images_per_id=4, seed=0)
@@ -127,7 +127,7 @@ def pinned_threads():
 @pytest.fixture(scope="session")
 def synth300(tmp_path_factory) -> str:
     """A larger SynthPEDES (300 identities, 2 images each; 90 test identities)."""
-    from datasets.synthpedes import generate
+    from offline.synthpedes import generate
 
     root = tmp_path_factory.mktemp("synth300")
     generate(root / "SynthPEDES", num_ids=300, images_per_id=2, seed=0)

@@ -47,7 +47,8 @@ def engine(run_dir, synth_root):
 def api(engine):
     from thi.app import create_app
 
-    with TestClient(create_app(engine), raise_server_exceptions=False) as client:
+    with TestClient(create_app(engine), base_url="http://127.0.0.1:7860",
+                    raise_server_exceptions=False) as client:
         yield client
 
 
@@ -95,7 +96,7 @@ def test_confirm_is_one_thi_step_with_eq6(api, engine, evald, synth_root):
     """Confirming an image: VQA + aggregation by the MLLM (same answers as THI's own requests),
     the refined text re-encoded, Eq. 6 with the anchor at 1; a second confirmation keeps both."""
     from thi.pipeline import refine_query
-    from utils.mllm.simulated import SimulatedClient
+    from offline.simulated import SimulatedClient
 
     q = 3
     text = evald["captions"][q]
@@ -152,7 +153,7 @@ def test_not_this_one_sets_the_image_aside(api, evald):
 def test_the_mllm_judges_the_next_candidate_on_request(api, evald, synth_root):
     from thi.pipeline import loc_request
     from utils.mllm.parsing import parse_yes_no
-    from utils.mllm.simulated import SimulatedClient
+    from offline.simulated import SimulatedClient
 
     fresh = SimulatedClient(os.path.join(synth_root, "SynthPEDES"))
     q = 11
@@ -188,7 +189,7 @@ def test_attribute_query_is_the_sentence_of_its_fields(api, engine):
 
 
 def test_attribute_sentences_parse_back_to_synthpedes_attributes():
-    from datasets.synth_text import parse_caption
+    from offline.synth_text import parse_caption
 
     # a whole sentence keeps the person's wording; a phrase goes into the question's sentence
     assert attributes_to_text({"held": "She holds a red cup in her hand",
@@ -283,9 +284,10 @@ def test_bad_feedback_and_lookups_get_a_4xx(api, evald):
     assert r.status_code == 400 and "confirmed" in r.json()["detail"]
     assert api.post("/api/feedback", content=b"{not json",
                     headers={"content-type": "application/json"}).status_code == 422
-    assert api.post("/api/search", json={"kind": "text", "text": "a man"}).status_code == 400
+    assert api.post("/api/search", content=b"kind=text",
+                    headers={"content-type": "text/plain"}).status_code == 400
     assert api.get(f"/api/image/{g_size}").status_code == 404
-    assert api.get("/api/image/abc").status_code == 422
+    assert api.get("/api/image/abc").status_code == 400
     assert api.get("/api/session/nope").status_code == 404
     assert api.get("/api/example/100000").status_code == 404
 
@@ -365,3 +367,229 @@ def test_page_and_info(api, evald):
                                                                "text_image", "image"]
     ex = api.get("/api/example/4").json()
     assert ex == {"index": 4, "text": evald["captions"][4], "pid": int(evald["q_pids"][4])}
+
+
+# ---------------------------------------------------------------- issue 27: safety, scripts
+
+def _huge_png(width: int, height: int) -> bytes:
+    """A valid one-colour PNG of width x height (1-bit grey): tiny on disk, huge decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    row = b"\0" * (1 + (width + 7) // 8)
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0,
+                                                               0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_a_pixel_bomb_is_refused_from_its_header_before_decoding(api, monkeypatch):
+    from PIL import ImageFile
+
+    from thi.app.server import MAX_IMAGE_PIXELS
+
+    bomb = _huge_png(13000, 13000)
+    assert len(bomb) < 1024 * 1024  # far under the upload's byte cap
+    loads = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load",
+                        lambda self: loads.append(self.size) or real_load(self))
+    r = api.post("/api/search", data={"kind": "image"},
+                 files={"image": ("bomb.png", bomb, "image/png")})
+    assert r.status_code == 413, r.text
+    assert "13000x13000" in r.json()["detail"] and f"at most {MAX_IMAGE_PIXELS // 10**6}" in \
+        r.json()["detail"]
+    assert loads == []  # refused from the header: nothing was decoded
+    assert MAX_IMAGE_PIXELS == 24_000_000  # the limit README states
+    ok = _huge_png(300, 700)
+    r = api.post("/api/search", data={"kind": "image"}, files={"image": ("ok.png", ok, "image/png")})
+    assert r.status_code == 200 and loads and set(loads) == {(300, 700)}
+
+
+def test_the_whole_request_body_is_capped(api):
+    from thi.app.access import MAX_BODY_BYTES
+
+    big = b"x" * (MAX_BODY_BYTES + 1)
+    r = api.post("/api/search", content=big, headers={"content-type": "multipart/form-data; "
+                                                                      "boundary=zz"})
+    assert r.status_code == 413 and "request body" in r.json()["detail"]
+
+    def stream():  # no Content-Length: chunked, cut off while reading
+        for _ in range(MAX_BODY_BYTES // 65536 + 2):
+            yield b"a" * 65536
+
+    r = api.post("/api/search", content=stream(),
+                 headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 413 and "request body" in r.json()["detail"]
+
+
+def test_rounds_per_session_and_the_history_a_response_carries_are_bounded(api, engine, evald):
+    from thi.app.server import HISTORY_SHOWN
+
+    old = engine.max_rounds
+    engine.max_rounds = HISTORY_SHOWN + 5
+    try:
+        d = _search(api, kind="text", text=evald["captions"][3], top_k="100")
+        order = [x["gallery_index"] for x in d["results"]]
+        for i in range(HISTORY_SHOWN + 5):
+            d = api.post("/api/feedback", json={"session": d["session"], "answer": "no",
+                                                "gallery_index": order[i]}).json()
+        assert d["round"] == HISTORY_SHOWN + 5 and len(d["history"]) == HISTORY_SHOWN
+        assert d["history"][-1]["round"] == HISTORY_SHOWN + 5
+        r = api.post("/api/feedback", json={"session": d["session"], "answer": "no",
+                                            "gallery_index": order[HISTORY_SHOWN + 5]})
+        assert r.status_code == 400 and f"its {HISTORY_SHOWN + 5} answers" in r.json()["detail"]
+        assert len(api.get(f"/api/session/{d['session']}").json()["rounds"]) == HISTORY_SHOWN + 5
+    finally:
+        engine.max_rounds = old
+
+
+@pytest.mark.parametrize("headers,status", [
+    ({"host": "evil.example"}, 421),                                  # DNS rebinding
+    ({"host": "evil.example:7860"}, 421),
+    ({"origin": "http://evil.example"}, 403),                         # a cross-site form post
+    ({"origin": "null"}, 403),
+    ({"referer": "http://evil.example/page.html"}, 403),
+    ({"sec-fetch-site": "cross-site"}, 403),
+    ({"origin": "http://127.0.0.1:7860", "sec-fetch-site": "same-origin"}, 200),
+    ({"referer": "http://127.0.0.1:7860/"}, 200),
+    ({"host": "localhost:7860"}, 200),
+])
+def test_only_our_host_and_same_origin_posts_are_served(api, headers, status):
+    r = api.post("/api/search", data={"kind": "text", "text": "a man in a red coat"},
+                 headers=headers)
+    assert r.status_code == status, r.text
+    if status != 200:
+        assert r.json()["detail"]
+    if "host" in headers:  # a rebound name cannot read anything either
+        assert api.get("/api/info", headers=headers).status_code == status
+
+
+def test_beyond_loopback_a_token_is_required_and_paths_are_relative(engine, api, evald,
+                                                                     synth_root, run_dir):
+    from thi.app import create_app
+    from thi.app.access import plan_access
+
+    assert plan_access("127.0.0.1").token is None and plan_access("127.0.0.1").notes == []
+    wide = plan_access("0.0.0.0")
+    assert wide.token and len(wide.token) >= 20 and wide.hosts is None
+    assert "WARNING" in wide.notes[0] and wide.token in " ".join(wide.notes)
+    assert plan_access("0.0.0.0").token != wide.token
+    assert plan_access("0.0.0.0", token="s3cret-token").token == "s3cret-token"
+    with TestClient(create_app(engine, host="0.0.0.0", token="s3cret-token"),
+                    base_url="http://192.168.1.5:7860") as c:
+        assert c.get("/").status_code == 401
+        assert c.get("/api/info").status_code == 401
+        assert c.post("/api/search", data={"kind": "text", "text": "a man"}).status_code == 401
+        assert c.get("/api/info", headers={"authorization": "Bearer wrong-token"}
+                     ).status_code == 401
+        assert c.get("/favicon.ico").status_code == 200
+        assert c.get("/api/info", headers={"authorization": "Bearer s3cret-token"}
+                     ).status_code == 200
+        page = c.get("/?token=s3cret-token")  # the printed URL: the page keeps it as a cookie
+        assert page.status_code == 200 and "icl_token" in page.headers["set-cookie"]
+        assert "httponly" in page.headers["set-cookie"].lower()
+        assert c.get("/api/info").status_code == 200  # the cookie now goes along
+    info = api.get("/api/info").json()
+    assert info["run"] == os.path.basename(run_dir)
+    assert run_dir not in json.dumps(info) and synth_root not in json.dumps(info)
+    d = _search(api, kind="text", text=evald["captions"][0])
+    g = d["results"][0]["gallery_index"]
+    api.post("/api/feedback", json={"session": d["session"], "gallery_index": g, "answer": "yes"})
+    exported = api.get(f"/api/session/{d['session']}").json()
+    assert exported["anchor_images"] == [os.path.relpath(evald["image_paths"][g], synth_root)]
+    assert exported["run"] == os.path.basename(run_dir)
+    assert synth_root not in json.dumps(exported) and run_dir not in json.dumps(exported)
+
+
+def test_odd_inputs_get_a_clear_4xx(api, evald):
+    nested = "[" * 4000 + "]" * 4000
+    r = api.post("/api/search", data={"kind": "attributes", "attributes": nested})
+    assert r.status_code == 400 and "JSON object" in r.json()["detail"]
+    r = api.post("/api/search", content=('{"kind": "text", "text": ' + nested + "}").encode(),
+                 headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["detail"]
+    r = api.post("/api/search", data={"kind": "attributes",
+                                      "attributes": json.dumps({"gender": {"a": [1]}})})
+    assert r.status_code == 400 and "text answer" in r.json()["detail"]
+    r = api.post("/api/search", data={"kind": "text"},
+                 files={"text": ("t.txt", b"a man in a red coat", "text/plain")})
+    assert r.status_code == 400 and "text must be text" in r.json()["detail"]
+    sid = _search(api, kind="text", text=evald["captions"][0])["session"]
+    r = api.post("/api/feedback", json={"session": sid, "gallery_index": True, "answer": "no"})
+    assert r.status_code == 422 and "gallery_index" in r.json()["detail"]
+    assert api.get("/api/session/" + sid).json()["rejected"] == []
+    for url in ("/api/image/1_0", "/api/image/+1", "/api/example/1_0", "/api/image/%201"):
+        r = api.get(url)
+        assert r.status_code == 400 and "digits only" in r.json()["detail"], url
+    huge = "s" * 100_000
+    for r in (api.post("/api/feedback", json={"session": huge, "gallery_index": 0,
+                                              "answer": "no"}),
+              api.get("/api/session/" + huge[:30000]),  # httpx caps a URL at 64 KB
+              api.get("/api/results/" + huge[:30000])):
+        assert 400 <= r.status_code < 500 and len(r.content) < 500, r.text[:200]
+    r = api.post("/api/search", data={"kind": "image"},
+                 files={"image": ("x.png", b"this is not a png", "image/png")})
+    assert r.status_code == 400 and "not an image" in r.json()["detail"]
+    assert "object at" not in r.json()["detail"] and "<" not in r.json()["detail"]
+    r = api.post("/api/search", data={"kind": "text", "text": "a man", "top_k": "1_0"})
+    assert r.status_code == 400 and "top_k" in r.json()["detail"]
+
+
+def test_json_body_searches_like_the_form(api, evald):
+    q = 6
+    form = _search(api, kind="text", text=evald["captions"][q], target_pid=str(int(evald["q_pids"][q])),
+                   top_k="30")
+    r = api.post("/api/search", json={"kind": "text", "text": evald["captions"][q],
+                                      "target_pid": int(evald["q_pids"][q]), "top_k": 30})
+    assert r.status_code == 200, r.text
+    assert r.json()["results"] == form["results"] and r.json()["target"] == form["target"]
+    fields = {"gender": "female", "hair": "long black", "bag": "no"}
+    by_form = _search(api, kind="attributes", **{f"attr_{k}": v for k, v in fields.items()})
+    by_json = api.post("/api/search", json={"kind": "attributes", "attributes": fields}).json()
+    assert by_json["query_text"] == by_form["query_text"] == attributes_to_text(fields)
+    assert by_json["results"] == by_form["results"]
+    for body, message in [({"kind": "image", "image": "aGVsbG8="}, "as a file"),
+                          ({"kind": "text", "text": "a man", "top_k": True}, "top_k"),
+                          ({"kind": "text", "text": 5}, "text must be text"),
+                          ({"kind": "text", "text": "a man", "colour": "red"}, "unknown field"),
+                          (["kind", "text"], "object")]:
+        r = api.post("/api/search", json=body)
+        assert r.status_code == 400 and message in r.json()["detail"], (body, r.text)
+
+
+def test_rounds_flag_docs_offline_and_favicon(api, run_dir, synth_root):
+    from thi.app.__main__ import build_parser
+    from thi.app.loader import build_engine
+
+    helptext = " ".join(build_parser().format_help().split())
+    assert "answers per search session" in helptext and "paper: 5" not in helptext
+    assert build_engine(_args(run_dir, synth_root, "--rounds", "3")).max_rounds == 3
+    docs = api.get("/api/docs")
+    assert docs.status_code == 200 and "/api/search" in docs.text and "/api/feedback" in docs.text
+    assert "<script" not in docs.text and "cdn" not in docs.text.lower()
+    assert api.get("/api/openapi.json").status_code == 200
+    icon = api.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+
+
+def test_image_paths_follow_root_when_the_run_was_copied(tmp_path):
+    from thi.app.paths import relocate_image_paths, shown_path
+
+    old = ["/old/data/SynthPEDES/imgs/0001.png", "/old/data/SynthPEDES/imgs/0002.png"]
+    new, note = relocate_image_paths(old, str(tmp_path), "/old/data", "SynthPEDES")
+    assert new == [str(tmp_path / "SynthPEDES/imgs/0001.png"),
+                   str(tmp_path / "SynthPEDES/imgs/0002.png")] and note
+    # the saved root_dir unknown (or different): cut at the dataset folder when files are gone
+    new2, _ = relocate_image_paths(old, str(tmp_path), "/elsewhere", "SynthPEDES")
+    assert new2 == new
+    assert relocate_image_paths(["SynthPEDES/a.png"], "/data", None, "SynthPEDES")[0] == [
+        "/data/SynthPEDES/a.png"]
+    assert relocate_image_paths(old, None, "/old/data", "SynthPEDES") == (old, None)
+    assert shown_path(new[0], str(tmp_path)) == "SynthPEDES/imgs/0001.png"
+    assert shown_path("/secret/place/x.png", str(tmp_path)) == "x.png"

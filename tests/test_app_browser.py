@@ -1,7 +1,10 @@
 """The search page in a real headless browser (Debian's chromium driven by playwright) against
 ``python -m thi.app`` on a tiny *trained* run over SynthPEDES with the simulated MLLM: type a
 test description, confirm a candidate of the target identity and see the target move up; set
-a candidate aside; let the MLLM judge; each query kind; bad input.
+a candidate aside (and undo it); let the MLLM judge; each query kind; bad input; show more;
+stale results after an error; the MLLM button for image-only queries; a second identity
+confirmed; images of a run copied from another machine (its eval folder names a data root
+that does not exist here).
 
 Set ICL_APP_SCREENSHOTS=DIR to keep the screenshots (docs/img/ holds the README's)."""
 from __future__ import annotations
@@ -49,8 +52,29 @@ def trained_run(tmp_path_factory, tiny_clip_path, synth_root):
     return run
 
 
+OLD_ROOT = "/gone/old-machine/data"
+
+
 @pytest.fixture(scope="module")
-def server(trained_run, synth_root, tmp_path_factory):
+def copied_run(trained_run, synth_root, tmp_path_factory):
+    """The trained run as copied from another machine: its config's root_dir and its eval
+    folder's image paths name ``OLD_ROOT``; the data is at ``synth_root`` (``--root``) here."""
+    import shutil
+
+    run = str(tmp_path_factory.mktemp("copied") / "run")
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("mllm_cache", "thi"))
+    for rel in ("config.yaml", os.path.join("eval", "SynthPEDES", "image_paths.json")):
+        path = os.path.join(run, rel)
+        with open(path) as f:
+            text = f.read()
+        assert synth_root in text, rel
+        with open(path, "w") as f:
+            f.write(text.replace(synth_root, OLD_ROOT))
+    return run
+
+
+@pytest.fixture(scope="module")
+def server(copied_run, synth_root, tmp_path_factory):
     """``python -m thi.app`` on a free port; yields its base URL."""
     _need("the playwright package", _has_playwright())
     _need(CHROMIUM, os.path.exists(CHROMIUM))
@@ -61,7 +85,7 @@ def server(trained_run, synth_root, tmp_path_factory):
     # Waits for the server's ready line on its stdout (no polling on a clock); a server that
     # exits first raises with its output.
     proc = start_server(
-        [sys.executable, "-m", "thi.app", "--run", trained_run, "--root", synth_root,
+        [sys.executable, "-m", "thi.app", "--run", copied_run, "--root", synth_root,
          "--dataset", "SynthPEDES", "--backend", "simulated", "--device", "cpu",
          "--no-progress", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT, log=log)
@@ -105,7 +129,7 @@ def _shot(page, name):
 
 def _click(page, selector, api="/api/search"):
     """Click and wait for the page's API call to come back (and the page to render it)."""
-    with page.expect_response(lambda r: r.url.endswith(api)) as resp:
+    with page.expect_response(lambda r: api in r.url) as resp:
         page.click(selector)
     return resp.value.json()
 
@@ -116,18 +140,19 @@ def _cards(page):
                  "e.dataset.pid === '' ? null : Number(e.dataset.pid)])")
 
 
-def _pick_query(server, run_dir):
-    """A test query whose target is not first but has an image in the top 20 (via the API)."""
+def _pick_query(server, run_dir, low=3, high=15):
+    """A test query whose target's best rank is in [low, high] (via the API)."""
     import httpx
 
     captions = json.load(open(os.path.join(run_dir, "eval", "SynthPEDES", "captions.json")))
     q_pids = np.load(os.path.join(run_dir, "eval", "SynthPEDES", "q_pids.npy"))
     for q in range(len(captions)):
         d = httpx.post(server + "/api/search", data={"kind": "text", "text": captions[q],
-                                                     "target_pid": str(int(q_pids[q]))}).json()
-        if 3 <= d["target"]["rank"] <= 15:
+                                                     "target_pid": str(int(q_pids[q])),
+                                                     "top_k": "40"}).json()
+        if low <= d["target"]["rank"] <= high:
             return captions[q], int(q_pids[q]), d
-    pytest.fail("no test query with its target between ranks 3 and 15")
+    pytest.fail(f"no test query with its target between ranks {low} and {high}")
 
 
 def test_type_confirm_and_see_the_target_move_up(page, server, trained_run):
@@ -144,7 +169,7 @@ def test_type_confirm_and_see_the_target_move_up(page, server, trained_run):
     assert start == via_api["target"]["rank"]
     cards = _cards(page)
     assert [c[1] for c in cards] == list(range(1, 21))
-    assert [c[0] for c in cards] == [r["gallery_index"] for r in via_api["results"]]
+    assert [c[0] for c in cards] == [r["gallery_index"] for r in via_api["results"][:20]]
     _shot(page, "app_search.png")
     # "this is the one" on the target's best-ranked image
     g = next(c[0] for c in cards if c[2] == pid)
@@ -228,3 +253,78 @@ def test_bad_input_shows_the_servers_message(page, tmp_path):
     assert page.input_value("#text") != ""
     _click(page, "#search")
     assert page.inner_text("#error") == ""
+
+
+def test_images_of_a_copied_run_show(page):
+    """The eval folder names OLD_ROOT (another machine's); --root resolves the images."""
+    page.check("#kind-text")
+    page.fill("#text", "The person is wearing a red coat.")
+    _click(page, "#search")
+    page.wait_for_function("Array.from(document.querySelectorAll('#results img'))"
+                           ".every(i => i.complete)")
+    widths = page.eval_on_selector_all("#results img", "els => els.map(e => e.naturalWidth)")
+    assert len(widths) == 20 and all(w > 0 for w in widths), widths
+
+
+def test_show_more_reaches_a_target_below_rank_20_and_undo(page, server, trained_run):
+    text, pid, via_api = _pick_query(server, trained_run, 21, 40)
+    page.check("#kind-text")
+    page.fill("#text", text)
+    page.fill("#target", str(pid))
+    _click(page, "#search")
+    assert len(_cards(page)) == 20 and pid not in [c[2] for c in _cards(page)]
+    _click(page, "#more", "/api/results/")
+    cards = _cards(page)
+    assert [c[1] for c in cards] == list(range(1, 41))
+    assert [c[0] for c in cards] == [r["gallery_index"] for r in via_api["results"]]
+    g = next(c[0] for c in cards if c[2] == pid)
+    _click(page, f".cand[data-g='{g}'] .yes", "/api/feedback")  # confirm the target at 21+
+    assert page.inner_text("#round-label") == "Round 1." and len(_cards(page)) == 40
+    # "not this one", then undo: the image comes back where it was
+    before = [c[0] for c in _cards(page)]
+    other = before[1] if before[1] != g else before[2]
+    _click(page, f".cand[data-g='{other}'] .no", "/api/feedback")
+    assert other not in [c[0] for c in _cards(page)] and page.is_visible("#undo")
+    d = _click(page, "#undo", "/api/feedback")
+    assert d["step"]["action"] == "undo" and [c[0] for c in _cards(page)] == before
+    assert not page.is_visible("#undo")
+    assert "undo" in page.locator("#history tr").last.inner_text()
+
+
+def test_results_are_marked_stale_after_an_error(page):
+    page.check("#kind-text")
+    page.fill("#text", "The person carries a black backpack.")
+    _click(page, "#search")
+    assert "stale" not in (page.get_attribute("#results", "class") or "")
+    page.fill("#text", "   ")
+    _click(page, "#search")
+    assert "text is empty" in page.inner_text("#error")
+    assert "stale" in page.get_attribute("#results", "class")
+    assert page.is_visible("#stale-note")
+    page.fill("#text", "The person carries a black backpack.")
+    _click(page, "#search")
+    assert "stale" not in page.get_attribute("#results", "class")
+    assert not page.is_visible("#stale-note")
+
+
+def test_mllm_judge_off_for_image_only_and_a_second_identity_warns(page, trained_run):
+    image_paths = json.load(open(os.path.join(trained_run, "eval", "SynthPEDES",
+                                              "image_paths.json")))
+    page.check("#kind-image")
+    page.set_input_files("#image", image_paths[6])
+    _click(page, "#search")
+    assert page.is_disabled("#ask-mllm")
+    assert "image-only query" in page.inner_text("#mllm-reason")
+    first = _cards(page)[0]
+    _click(page, f".cand[data-g='{first[0]}'] .yes", "/api/feedback")
+    assert page.is_enabled("#ask-mllm") and page.inner_text("#mllm-reason") == ""
+    other = next(c for c in _cards(page) if c[2] is not None and c[2] != first[2])
+    asked = []
+    page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
+    page.click(f".cand[data-g='{other[0]}'] .yes")
+    assert asked and f"identity {other[2]}" in asked[0]
+    assert page.inner_text("#round-label") == "Round 1."  # dismissed: nothing was sent
+    page.once("dialog", lambda dialog: dialog.accept())
+    _click(page, f".cand[data-g='{other[0]}'] .yes", "/api/feedback")
+    assert page.inner_text("#round-label") == "Round 2."
+    assert "two people" in page.inner_text("#warning")

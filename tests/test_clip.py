@@ -16,7 +16,7 @@ from model.clip import (
     read_clip_state_dict,
     resize_visual_pos_embed,
 )
-from model.tiny_clip import random_clip_state_dict, write_random_clip
+from offline.tiny_clip import random_clip_state_dict, write_random_clip
 from utils.tokenizer import EOT_ID, tokenize_batch
 
 META = {"input_resolution", "context_length", "vocab_size", "logit_scale"}

@@ -239,7 +239,7 @@ def _random_caption(rng: random.Random, length: int = 77) -> torch.Tensor:
 
 def test_txt_aug_invariants_and_rates():
     rng = random.Random(0)
-    masked = replaced = deleted = total = 0
+    masked = deleted = total = 0
     for trial in range(300):
         ids = _random_caption(rng)
         out = txt_aug(ids, random.Random(trial))

@@ -1,6 +1,6 @@
 """THI and RDA through every stage on real engines, with a tiny Qwen2-VL that answers.
 
-The model (``utils/mllm/tiny_icl.py``) is a tiny Qwen2-VL fine-tuned on the simulated MLLM's
+The model (``offline/tiny_icl.py``) is a tiny Qwen2-VL fine-tuned on the simulated MLLM's
 answers about the session's SynthPEDES (it learns that small gallery: Yes/No that follow the
 teacher's on most pairs, the teacher's VQA and aggregation answers), built once per recipe
 into pytest's cache folder (``.pytest_cache/d/tiny_icl``), so ``make test`` builds it in its
@@ -44,7 +44,7 @@ def synth_dir(synth_root) -> str:
 @pytest.fixture(scope="session")
 def tiny_icl(synth_dir, request, tmp_path_factory) -> str:
     """The trained tiny model folder, from pytest's cache when a previous run built it."""
-    from utils.mllm.tiny_icl import cached_tiny_icl
+    from offline.tiny_icl import cached_tiny_icl
 
     cache = getattr(request.config, "cache", None)
     root = cache.mkdir("tiny_icl") if cache is not None else tmp_path_factory.mktemp("tiny_icl")
@@ -114,7 +114,7 @@ def test_tiny_icl_answers_like_the_teacher(tiny_icl, synth_dir):
     fixtures: Yes on 69-70% of the teacher's Yes pairs and 20-23% of its No pairs; VQA 100%,
     aggregation 96-97% the teacher's, see the module doc)."""
     from utils.mllm.parsing import parse_lines, parse_vqa, parse_yes_no
-    from utils.mllm.tiny_icl import Recipe, evaluate, teacher_examples
+    from offline.tiny_icl import Recipe, evaluate, teacher_examples
     from utils.mllm.hf_backend import TransformersClient
 
     with open(os.path.join(tiny_icl, "tiny_icl.json")) as f:
@@ -153,7 +153,7 @@ def test_cache_key_follows_recipe_and_data(synth_dir, tmp_path, monkeypatch):
     change, never otherwise."""
     import shutil
 
-    from utils.mllm import tiny_icl
+    from offline import tiny_icl
 
     built = []
 

@@ -59,7 +59,7 @@ def lf_run(tmp_path_factory, synth_root):
     from datasets import build_dataset
     from rda import make_anchor_sft, write_llamafactory_dataset
     from rda.run_data import training_pairs
-    from utils.mllm.tiny_qwen2vl import build_tiny_qwen2vl
+    from offline.tiny_qwen2vl import build_tiny_qwen2vl
 
     work = str(tmp_path_factory.mktemp("llamafactory"))
     pairs = training_pairs(build_dataset("SynthPEDES", synth_root))

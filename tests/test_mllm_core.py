@@ -382,3 +382,116 @@ def test_backend_errors_name_the_engine():
 
     with pytest.raises(MLLMError, match=r"^vLLM offline engine on /models/tiny: out of memory"):
         Vague().generate(reqs("a"))
+
+
+def test_torn_cache_lines_are_counted_logged_and_returned(tmp_path, caplog):
+    """Before: torn lines were skipped silently (only an attribute counted them)."""
+    Echo(cache_dir=tmp_path).generate(reqs("a", "b"))
+    with open(tmp_path / CACHE_FILE, "ab") as f:  # two kills mid-write, then a good record
+        f.write(b'{"key": "0123", "answ\n{"key": "4567"\n')
+    Echo(cache_dir=tmp_path).generate(reqs("c"))
+    with caplog.at_level("WARNING", logger="utils.mllm.cache"):
+        c = Echo(cache_dir=tmp_path)
+    assert c.cache.corrupt_lines == 2 and c.stats["cache_skipped_lines"] == 2
+    assert f"{tmp_path / CACHE_FILE}: skipped 2 torn or unreadable line(s)" in caplog.text
+    assert c.generate(reqs("a", "c")) == ["A", "C"] and c.seen == []
+    with open(tmp_path / CACHE_FILE, "ab") as f:  # another process's torn append
+        f.write(b'{"torn\n')
+    assert c.cache.refresh() == 1 and c.cache.refresh() == 0
+    c.generate(reqs("a"))
+    assert c.stats["cache_skipped_lines"] == 3
+
+
+# --- the stage runner (utils.mllm.stages), shared by THI, RDA and the search page -------------
+class Scripted(BaseClient):
+    """Answers each request with ``answers[request.text]`` (default: the text upper-cased)."""
+    backend = "scripted"
+
+    def __init__(self, answers=None, **kw):
+        super().__init__(**kw)
+        self.answers, self.seen = dict(answers or {}), []
+
+    def identity(self):
+        return "scripted"
+
+    def _generate(self, requests, temperature, max_tokens):
+        self.seen.append([r.text for r in requests])
+        return [self.answers.get(r.text, r.text.upper()) for r in requests]
+
+
+STAGE_CASES = [  # stage, usable answer, unusable answer
+    ("loc", "**Yes**, it is.", "Maybe, hard to say."),
+    ("vqa", "1. Female.\n2. She wears a red coat.", "1. Xkqz vbnm.\n2. Qwrt plk zzxv."),
+    ("aggr", "Output: The woman wears a red coat.", "Output:   "),
+    ("aggr", "A man in a blue shirt.", "Zxq vbn plk trr wqx."),
+    ("dec", "- He is male.\n- He wears a blue shirt.", "--\n**"),
+    ("rwt", "1. The man is male.\n2. A male person.", "Qqq zzz.\nVvv xxx."),
+]
+
+
+@pytest.mark.parametrize("stage,good,bad", STAGE_CASES)
+def test_one_usable_rule_per_stage(stage, good, bad):
+    from utils.mllm.stages import usable
+
+    assert usable(stage, good) and not usable(stage, bad) and not usable(stage, None)
+
+
+def test_aggregation_answer_cleaning_is_one_rule():
+    """THI stripped "Output:"/"Answer:" and collapsed spaces; RDA stripped "Output:" and quotes.
+    One rule does all of it, for both."""
+    from utils.mllm.stages import clean_aggregation
+
+    assert clean_aggregation(' Answer:  "The man wears\n a red   coat." ') == \
+        "The man wears a red coat."
+    assert clean_aggregation("OUTPUT：“A woman.”") == "A woman."
+    assert clean_aggregation(None) == ""
+
+
+def test_stage_runner_counts_chunks_and_does_not_cache_unusable(tmp_path):
+    from utils.mllm.stages import StageRunner
+
+    texts = ["q1", "q2", "q3", "q4", "q5"]
+    answers = {"q1": "Yes", "q2": "no.", "q3": "perhaps", "q4": "", "q5": "YES!"}
+    client = Scripted(answers, cache_dir=tmp_path)
+    runner = StageRunner(client, chunk_size=2)
+    seen = []
+    out = runner.ask("loc", reqs(*texts), on_chunk=lambda start, a: seen.append((start, list(a))))
+    assert out == [answers[t] for t in texts]
+    assert seen == [(0, ["Yes", "no."]), (2, ["perhaps", ""]), (4, ["YES!"])]
+    c = runner.counts["loc"]
+    assert (c.asked, c.uncached, c.cached, c.unusable) == (5, 5, 0, 2)
+    again = StageRunner(Scripted(answers, cache_dir=tmp_path))
+    again.ask("loc", reqs(*texts))
+    c = again.counts["loc"]
+    assert (c.asked, c.uncached, c.cached, c.unusable) == (5, 2, 3, 2)  # the unusable re-asked
+    assert again.client.seen == [["q3", "q4"]]
+    with pytest.raises(ValueError, match="unknown MLLM stage 'lco'"):
+        runner.ask("lco", reqs("x"))
+
+
+def test_stage_runner_takes_a_client_without_accept():
+    from utils.mllm.stages import StageRunner
+
+    class Bare:  # a stand-in with the plain generate() signature and no counters
+        def generate(self, requests, temperature, max_tokens):
+            return ["No"] * len(requests)
+
+    runner = StageRunner(Bare())
+    assert runner.ask("loc", reqs("a", "b")) == ["No", "No"]
+    assert runner.counts["loc"].uncached == 2 and runner.counts["loc"].unusable == 0
+
+
+def test_mostly_unusable_banner(caplog):
+    import logging
+
+    from utils.mllm.stages import BANNER, report_unusable
+
+    logger = logging.getLogger("stage-test")
+    with caplog.at_level("WARNING", logger="stage-test"):
+        assert report_unusable(logger, "RDA vqa", 2, 4, "they fall back") is None  # half: quiet
+        line = report_unusable(logger, "round 1, loc", 3, 4, "they count as 'No'", first="Hm")
+        assert report_unusable(logger, "x", 0, 4, "nothing") is None
+    assert line.startswith("MOSTLY UNUSABLE: round 1, loc: 3 of 4 MLLM answers (75%)")
+    assert "(first: 'Hm')" in line and "asked again next run" in line
+    assert f"{BANNER}\n{line}\n{BANNER}" in caplog.text
+    assert "RDA vqa: 2 of 4 MLLM answers (50%)" in caplog.text

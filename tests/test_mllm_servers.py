@@ -27,7 +27,7 @@ from PIL import Image
 from utils.mllm import Request, build_client
 from utils.mllm.hf_backend import processor_size
 from utils.mllm.openai_backend import OpenAIClient
-from utils.mllm.tiny_qwen2vl import SPECIAL_TOKENS
+from offline.tiny_qwen2vl import SPECIAL_TOKENS
 
 BUDGET = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 16)
 READY_TIMEOUT = 240.0  # seconds; vllm serve is ready in about 30 s here
@@ -103,7 +103,7 @@ def reference(model: str, adapter: "str | None" = None) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_qwen(tmp_path_factory):
-    from utils.mllm.tiny_qwen2vl import build_tiny_qwen2vl
+    from offline.tiny_qwen2vl import build_tiny_qwen2vl
     base = tmp_path_factory.mktemp("tiny_qwen2vl_serve")
     model = build_tiny_qwen2vl(base / "model", lora_dir=base / "lora")
     return str(model), str(base / "lora")

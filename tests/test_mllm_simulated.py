@@ -8,11 +8,11 @@ import os
 import pytest
 from PIL import Image
 
-from datasets.synthpedes import QUESTION_ATTRIBUTES, parse_caption
+from offline.synthpedes import QUESTION_ATTRIBUTES, parse_caption
 from utils.mllm import MLLMError, Request, build_client
 from utils.mllm.parsing import parse_lines, parse_vqa, parse_yes_no
 from utils.mllm.prompts import aggr_prompt, dec_prompt, loc_prompt, rwt_prompt, vqa_prompt
-from utils.mllm.simulated import NEUTRAL_ANSWER, SimulatedClient
+from offline.simulated import NEUTRAL_ANSWER, SimulatedClient
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +188,31 @@ def test_unrecognised_prompt_and_bad_inputs(synth, tmp_path):
         SimulatedClient(d, error_rate=1.5)
 
 
+def test_attribute_table_answers_like_its_file(synth):
+    """The client takes the attribute table itself (what the system hands it, no dataset module):
+    same answers as from the sidecar file, images matched by their path under imgs/."""
+    d, records, images = synth
+    with open(os.path.join(d, "attributes.json")) as f:
+        table = json.load(f)
+    from_file = build_client("simulated", attributes=d)
+    from_table = build_client("simulated", attributes=table)
+    with_dir = build_client("simulated", attributes=table, images_dir=os.path.join(d, "imgs"))
+    reqs = []
+    for r in records[:8]:
+        reqs += [Request(loc_prompt(r["captions"][0]), image=img(d, records[-1]["file_path"])),
+                 Request(loc_prompt(r["captions"][0]), image=img(d, r["file_path"])),
+                 Request(vqa_prompt(), image=img(d, r["file_path"]))]
+    expected = from_file.generate(reqs)
+    assert from_table.generate(reqs) == expected == with_dir.generate(reqs)
+    assert from_table.identity_info()["attributes_digest"] == with_dir.identity_info()["attributes_digest"]
+    fp = records[0]["file_path"]
+    other = dict(table, images={fp: dict(images[fp], gender="female" if images[fp]["gender"] == "male" else "male")})
+    said = build_client("simulated", attributes=other).generate([Request(vqa_prompt(), image=img(d, fp))])
+    assert said != from_file.generate([Request(vqa_prompt(), image=img(d, fp))])
+    with pytest.raises(MLLMError, match="attributes version"):
+        SimulatedClient(dict(table, version=99))
+
+
 def test_same_dataset_copied_elsewhere_and_cache_rerun(synth, tmp_path):
     d, records, images = synth
     fp = records[0]["file_path"]
@@ -219,7 +244,7 @@ def _loc_pairs(d, records, images, n=200):
 
 
 def test_error_profile_answers_at_the_measured_rates_deterministically(synth):
-    from utils.mllm.simulated import PROFILES
+    from offline.simulated import PROFILES
 
     d, records, images = synth
     reqs, truth = _loc_pairs(d, records, images, n=len(records))

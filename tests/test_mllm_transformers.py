@@ -40,7 +40,7 @@ def tiny_qwen(tmp_path_factory):
     """(model dir, LoRA dir), written by the module's command line (also tests the CLI)."""
     base = tmp_path_factory.mktemp("tiny_qwen2vl")
     model, lora = base / "model", base / "lora"
-    proc = subprocess.run([sys.executable, "-m", "utils.mllm.tiny_qwen2vl", str(model),
+    proc = subprocess.run([sys.executable, "-m", "offline.tiny_qwen2vl", str(model),
                            "--lora", str(lora)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (model / "model.safetensors").is_file() and (lora / "adapter_config.json").is_file()

@@ -41,7 +41,7 @@ def requests() -> list[Request]:
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory):
     """(model dir, LoRA dir) built with this venv's transformers."""
-    from utils.mllm.tiny_qwen2vl import build_tiny_qwen2vl
+    from offline.tiny_qwen2vl import build_tiny_qwen2vl
     base = tmp_path_factory.mktemp("tiny_qwen2vl_vllm")
     model = build_tiny_qwen2vl(base / "model", lora_dir=base / "lora")
     return str(model), str(base / "lora")

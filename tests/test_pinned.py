@@ -172,7 +172,7 @@ def test_noisy_pair_moves_no_gradient(tiny_clip_path):
     for (t, i), g in (((t_bge, i_bge), 1.0), ((t_tse, i_tse), 1.0), ((a_bge, i_bge), gamma), ((a_tse, i_tse), gamma)):
         ref_total = ref_total + g * (w * tal_loss(cos(t, i), pids, model.tau, model.margin)).sum()
     ref_grads = torch.autograd.grad(ref_total, params, allow_unused=True)
-    for p, g, r in zip(params, grads, ref_grads):
+    for _, g, r in zip(params, grads, ref_grads):
         if g is None or r is None:
             assert g is None and r is None
             continue

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.synth_pretrain import describe, generate_corpus
-from datasets.synth_schema import SCHEMA, identity_key
-from datasets.synthpedes import load_attributes
+from offline.synth_pretrain import describe, generate_corpus
+from offline.synth_schema import SCHEMA, identity_key
+from offline.synthpedes import load_attributes
 
 # The demo's pre-training (scripts/pretrain_tiny_clip.py defaults: 2500 images, 200 steps of
 # batch 128, about 1.5 CPU-minutes), so the numbers below are the demo's. Measured with 1 pinned thread.
@@ -84,7 +84,7 @@ def test_captions_name_almost_every_attribute():
 
 def test_killed_pretraining_resumes_bit_identically(tmp_path):
     from model.clip import read_clip_state_dict
-    from processor.pretrain import PretrainSettings, pretrain_clip
+    from offline.pretrain import PretrainSettings, pretrain_clip
 
     c = generate_corpus(24, seed=0)
     s = PretrainSettings(steps=4, batch_size=8, warmup_steps=2)
@@ -104,7 +104,7 @@ def test_killed_pretraining_resumes_bit_identically(tmp_path):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, pinned_threads):
-    from processor.pretrain import PretrainSettings, pretrain_clip
+    from offline.pretrain import PretrainSettings, pretrain_clip
 
     out = tmp_path_factory.mktemp("pretrained") / "tiny_clip_synthpretrain.pt"
     c = generate_corpus(PRETRAIN_IMAGES, seed=0)
@@ -154,7 +154,7 @@ def test_pretrained_checkpoint_aligns_synthpedes_pairs(pretrained, tiny_clip_pat
 
 @pytest.fixture(scope="module")
 def synth300(tmp_path_factory):
-    from datasets.synthpedes import generate
+    from offline.synthpedes import generate
 
     root = tmp_path_factory.mktemp("synth300")
     generate(root / "SynthPEDES", num_ids=300, images_per_id=2, seed=0)

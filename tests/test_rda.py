@@ -20,7 +20,7 @@ M = 3  # rewrites per sub-sentence
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     """A small SynthPEDES (10 identities x 3 images x 2 captions) and its annotation records."""
-    from datasets.synthpedes import generate
+    from offline.synthpedes import generate
 
     root = tmp_path_factory.mktemp("rda-data")
     generate(root / "SynthPEDES", num_ids=10, images_per_id=3, seed=1)
@@ -267,6 +267,24 @@ def test_cli_generate(synth, tmp_path):
     assert (root / "SynthPEDES" / "reid_raw.rda.state" / "mllm_cache").exists()
 
 
+def test_cli_refuses_changed_settings_as_one_message(synth, tmp_path, capsys):
+    """Issue 28 #12: resuming with another temperature is one message and exit 2, no traceback."""
+    import shutil
+
+    from rda.cli import main
+
+    root = tmp_path / "data"
+    shutil.copytree(synth["dir"], root / "SynthPEDES")
+    argv = ["generate", "--dataset", "SynthPEDES", "--root", str(root), "--backend", "simulated",
+            "--limit", "2", "--no-progress"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv + ["--temperature", "0.7"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m rda: error: ") and "Traceback" not in err
+    assert "temperature" in err and "reid_raw.rda.state" in err
+
+
 GIBBERISH = ["xq zvbn wkrt plmq\nfjdk slq trw", "ĠĠ<|image_pad|>Ċ!!?? ## ĊĊ",
              "Lorem ipsum dolor sit amet consectetur adipiscing",
              "1. qwx brrk\n2. zzkt vbn\n3. prrt sklm vvx"]
@@ -321,7 +339,7 @@ def test_gibberish_never_becomes_diversity_captions(synth, tmp_path):
 def test_unusable_answers_are_not_kept_and_asked_again(synth, tmp_path):
     """Before: empty answers were logged as answers; after the server was fixed, the rerun sent
     0 requests and kept the fallback captions."""
-    from utils.mllm.simulated import SimulatedClient
+    from offline.simulated import SimulatedClient
 
     class Flaky(SimulatedClient):
         broken = True
@@ -345,7 +363,7 @@ def test_unusable_answers_are_not_kept_and_asked_again(synth, tmp_path):
     assert records == reference
 
 
-def test_cli_client_options(tmp_path):
+def test_cli_client_options(tmp_path, capsys):
     import logging
 
     from rda.cli import build_parser, client_options, main
@@ -364,7 +382,40 @@ def test_cli_client_options(tmp_path):
     with pytest.raises(SystemExit, match="--concurrency"):
         opts("--backend", "openai", "--base-url", "u", "--served-model", "m", "--concurrency", "0")
     # every HTTP request of the openai SDK is not an INFO line
-    with pytest.raises(FileNotFoundError):  # logging is set up first
-        main(["generate", "--dataset", "SynthPEDES", "--root", str(tmp_path), "--backend",
-              "openai"])
+    # logging is set up first; the missing annotation file is one message, exit status 2
+    assert main(["generate", "--dataset", "SynthPEDES", "--root", str(tmp_path), "--backend", "openai"]) == 2
+    assert "python -m rda: error: SynthPEDES: annotation file" in capsys.readouterr().err
     assert logging.getLogger("httpx").getEffectiveLevel() >= logging.WARNING
+
+
+def test_changed_images_are_asked_again(synth, tmp_path):
+    """Issue 28 #4. Before: VQA answers were keyed by the image's path, so after every training
+    image changed a rerun sent 0 VQA requests and reused answers about the old pixels. Now they
+    are keyed by the image's content digest (the MLLM cache's identity)."""
+    import shutil
+
+    from PIL import Image
+
+    imgs = tmp_path / "imgs"
+    shutil.copytree(synth["imgs"], imgs)
+    out, cache = tmp_path / "rda.json", str(tmp_path / "cache")
+    _, first = run_rda(synth["records"], simulated(synth, cache), image_root=str(imgs), limit=6,
+                       out_path=out, progress=False)
+    n_images = first["images"]
+    assert first["requests_this_run"]["vqa"] == n_images == 3
+    _, same = run_rda(synth["records"], simulated(synth, cache), image_root=str(imgs), limit=6,
+                      out_path=out, progress=False)
+    assert same["requests_this_run"] == {"vqa": 0, "aggr": 0, "dec": 0, "rwt": 0}
+    used = {r["file_path"] for r in synth["records"] if r["split"] == "train"}
+    for rel in used:  # every training image's pixels change, its path stays
+        path = imgs / rel
+        with Image.open(path) as im:
+            flipped = im.convert("RGB").transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+        flipped.save(path)
+    client = simulated(synth, cache)
+    _, again = run_rda(synth["records"], client, image_root=str(imgs), limit=6, out_path=out,
+                       progress=False)
+    assert again["requests_this_run"]["vqa"] == n_images
+    # the MLLM cache keys images by content too: the new pixels are really asked
+    assert client.stats["cache_misses"] >= n_images
+    assert again["requests_this_run"]["aggr"] == first["requests_this_run"]["aggr"]

@@ -189,7 +189,7 @@ def test_ccd_loss_pass_selects_augmented_or_plain_batches(tiny_clip_path, synth_
 @pytest.fixture(scope="module")
 def micro_root(tmp_path_factory):
     """10 identities: one training step per epoch keeps the two training runs below short."""
-    from datasets.synthpedes import generate
+    from offline.synthpedes import generate
 
     root = tmp_path_factory.mktemp("micro")
     generate(root / "SynthPEDES", num_ids=10, images_per_id=2, seed=0)

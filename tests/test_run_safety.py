@@ -10,7 +10,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import yaml
 
 import utils.io
 from processor.trainer import train

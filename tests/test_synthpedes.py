@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from datasets import build_dataset
-from datasets.synth_schema import COLORS, IDENTITY_ATTRIBUTES, PER_IMAGE, sample_identity, sample_image_attributes
-from datasets.synthpedes import (QUESTION_ATTRIBUTES, SCHEMA, answer_sentence, compose_caption, generate,
+from offline.synth_schema import COLORS, IDENTITY_ATTRIBUTES, PER_IMAGE, sample_identity, sample_image_attributes
+from offline.synthpedes import (QUESTION_ATTRIBUTES, SCHEMA, answer_sentence, compose_caption, generate,
                                  load_attributes, main, parse_caption)
 
 
@@ -111,7 +111,7 @@ def test_garment_colours_are_drawn(synth):
 
 def test_attributes_change_the_picture(tmp_path):
     """Changing one attribute (same random stream) changes the pixels where it is drawn."""
-    from datasets.synth_render import render_person
+    from offline.synth_render import render_person
 
     rng = random.Random(3)
     base = sample_image_attributes(sample_identity(rng), rng)

@@ -94,12 +94,14 @@ CASES = {
 def _case_setup():
     names = list(CASES)
     sim = np.stack([_row(CASES[n][0], CASES[n][1]) for n in names])
-    captions = [f"caption {n}" for n in names]
+    # English captions: the scripted aggregation answer "refined <caption>" must read as English
+    # to be usable (the stage runner's one aggregation rule).
+    captions = [f"the person in case {i}" for i in range(len(names))]
     script = {}
-    for n in names:
+    for n, caption in zip(names, captions):
         order, _, answers, _, _ = CASES[n]
         for rank, ans in enumerate(answers):
-            script[(f"caption {n}", IMAGES[order[rank]])] = ans
+            script[(caption, IMAGES[order[rank]])] = ans
     return names, sim, captions, script
 
 
@@ -323,8 +325,8 @@ class Recording:
 def synth(tmp_path_factory):
     """A small SynthPEDES test split and an imperfect model-free base similarity."""
     from datasets import build_dataset
-    from datasets.synthpedes import generate
-    from thi.synthetic import AttributeSimilarity
+    from offline.synthpedes import generate
+    from offline.synthetic import AttributeSimilarity
 
     root = tmp_path_factory.mktemp("synth")
     generate(root / "SynthPEDES", num_ids=60, images_per_id=4, seed=0)
@@ -512,8 +514,8 @@ def test_state_of_other_settings_is_refused(synth, tmp_path):
 KILL_SCRIPT = r'''
 import json, os, signal, sys
 from thi import run_thi
-from thi.synthetic import AttributeSimilarity
-from utils.mllm.simulated import SimulatedClient
+from offline.synthetic import AttributeSimilarity
+from offline.simulated import SimulatedClient
 
 data_dir, out, cache, log_path, kill_at = sys.argv[1:6]
 
@@ -550,7 +552,7 @@ def test_kill_9_mid_stage_loses_at_most_one_micro_batch(synth, tmp_path):
     import subprocess
     import sys
 
-    from utils.mllm.simulated import SimulatedClient
+    from offline.simulated import SimulatedClient
 
     out, cache = tmp_path / "thi", tmp_path / "cache"
     script = tmp_path / "kill.py"
@@ -622,7 +624,7 @@ class _Garbled:
     while ``broken`` is set; same identity either way (the server was fixed, not changed)."""
 
     def __new__(cls, synth, cache_dir, broken=True, retry_unusable=True):
-        from utils.mllm.simulated import SimulatedClient
+        from offline.simulated import SimulatedClient
 
         class Client(SimulatedClient):
             def _generate(self, requests, temperature, max_tokens):
@@ -644,10 +646,10 @@ def test_unparseable_answers_are_reported_warned_and_asked_again(synth, tmp_path
     q = len(synth["test"]["captions"])
     first = broken.rounds[0]
     assert first["parse_failures"]["loc"] == first["calls"]["loc"] == q
-    assert broken.warnings and "MOSTLY UNPARSEABLE" in broken.warnings[0]
+    assert broken.warnings and "MOSTLY UNUSABLE" in broken.warnings[0]
     assert "round 1, loc" in broken.warnings[0] and broken.cost["warnings"] == broken.warnings
     log = (tmp_path / "out" / "thi.log").read_text()
-    assert "WARNING" in log and "!" * 78 + "\nMOSTLY UNPARSEABLE: round 1, loc" in log
+    assert "WARNING" in log and "!" * 78 + "\nMOSTLY UNUSABLE: round 1, loc" in log
     assert f"THI finished WITH {len(broken.warnings)} WARNING(S)" in log
     table = rounds_table(broken.base_metrics, broken.rounds)
     import re
@@ -674,6 +676,27 @@ def test_empty_caption_is_refused(synth):
     with pytest.raises(ValueError, match=r"1 of \d+ queries have an empty caption \(first: query 3\)"):
         run_thi(synth["sim"], captions, t["img_paths"], ScriptedClient(lambda c, i: True),
                 synth["score"], progress=False)
+
+
+def test_gibberish_vqa_answers_never_become_refined_queries(synth, tmp_path):
+    """The stage runner's one VQA rule (RDA's): an answer must read as English. Before, THI took
+    any parsed sub-sentence, so a broken server's letter salad was aggregated into the refined
+    query; now those queries keep their base similarity and are counted as unusable."""
+    from utils.mllm.prompts import vqa_prompt
+    from offline.simulated import SimulatedClient
+
+    class Salad(SimulatedClient):
+        def _generate(self, requests, temperature, max_tokens):
+            out = super()._generate(requests, temperature, max_tokens)
+            return ["1. Xkqz vbnm.\n2. Qwrt plk zzxv." if r.text == vqa_prompt() else a
+                    for r, a in zip(requests, out)]
+
+    res = _run(synth, Salad(synth["dir"], cache_dir=str(tmp_path / "c")), rounds=2)
+    first = res.rounds[0]
+    assert first["calls"]["vqa"] > 0 and first["parse_failures"]["vqa"] == first["calls"]["vqa"]
+    assert first["calls"]["aggr"] == 0 and all(t is None for t in res.refined)
+    np.testing.assert_array_equal(res.similarity, synth["sim"])
+    assert "MOSTLY UNUSABLE: round 1, vqa" in res.warnings[0]
 
 
 @pytest.mark.parametrize("one_at", ["anchor", "top1"])

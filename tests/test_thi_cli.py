@@ -105,7 +105,7 @@ def test_cli_errors_say_what_to_do(run_dir, synth_root):
     ("openai", ["--base-url", "http://127.0.0.1:9/v1", "--served-model", "icl"],
      "utils.mllm.openai_backend.OpenAIClient"),
     ("simulated", ["--attributes", "A", "--error-rate", "0.3"],
-     "utils.mllm.simulated.SimulatedClient"),
+     "offline.simulated.SimulatedClient"),
 ])
 def test_backend_flags_map_to_client_options(backend, extra, cls):
     import importlib
@@ -146,10 +146,11 @@ def test_docs_simulated_command_runs_after_the_demo(run_dir, synth_root, capsys)
     assert main(docs + ["--error-rate", "0.1"]) == 0  # another simulated MLLM: its own folder
     thi = os.path.join(run_dir, "thi", "SynthPEDES")
     assert {"demo", "simulated", "simulated-err0.1-seed0"} <= set(os.listdir(thi))
-    # Into the demo's folder with other settings: refused, saying what differs and what to do.
-    with pytest.raises(ValueError) as info:
-        main(docs + ["--out", os.path.join(thi, "demo")])
-    msg = str(info.value)
+    # Into the demo's folder with other settings: refused, saying what differs and what to do
+    # (one message and exit 2 since issue 28 #12, no longer a ValueError's traceback).
+    capsys.readouterr()
+    assert main(docs + ["--out", os.path.join(thi, "demo")]) == 2
+    msg = capsys.readouterr().err
     assert "xi: saved 0.2, now 0.5" in msg and "--out" in msg and "rm -r" in msg
 
 
@@ -207,3 +208,14 @@ def test_run_vllm_icl_script_writes_the_backends_own_folder(run_dir, synth_root)
     assert f"THI results in {out}" in proc.stdout
     assert os.path.isfile(os.path.join(out, "final_similarity.npy"))
     assert not os.path.exists(os.path.join(run_dir, "thi", "SynthPEDES", "state.json"))
+
+
+def test_changed_settings_are_one_message_and_exit_2(run_dir, synth_root, capsys):
+    """Issue 28 #12. Before: a folder of a run with another xi was refused with a traceback."""
+    out = os.path.join(run_dir, "thi_refusal")
+    assert main(_args(run_dir, synth_root, "--rounds", "1", "--xi", "0.68", "--out", out)) == 0
+    capsys.readouterr()
+    assert main(_args(run_dir, synth_root, "--rounds", "1", "--xi", "0.5", "--out", out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m thi: error: ") and "Traceback" not in err
+    assert "xi: saved 0.68, now 0.5" in err and f"rm -r {out}" in err

@@ -19,11 +19,12 @@ from typing import Optional
 
 import numpy as np
 
+from utils.errors import cli_errors
+
+from .defaults import LAMBDA, ROUNDS, TARGET_XI, XI, xi_for
+
 BACKENDS = ("simulated", "vllm", "openai", "transformers")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
-DEFAULT_XI = 0.5
-# The paper uses a stricter threshold when ICFG-PEDES is the target (Sec. 4.1).
-TARGET_XI = {"ICFG-PEDES": 0.55}
 EVAL_FILES = ("similarity.npy", "q_pids.npy", "g_pids.npy", "captions.json", "image_paths.json",
               "gallery_feats.npz")
 
@@ -64,7 +65,8 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--aggregation", choices=("keep", "concise"), default="keep",
                     help="simulated backend: aggregation keeps every new answer, or stays "
                          "within the text length (the prompt's 'concise')")
-    ap.add_argument("--rounds", type=int, default=5, help="K, interaction rounds (paper: 5)")
+    ap.add_argument("--rounds", type=int, default=ROUNDS,
+                    help=f"K, interaction rounds (paper: {ROUNDS})")
     ap.add_argument("--temperature", type=float, default=0.01)
     ap.add_argument("--release-sampling", action="store_true",
                     help="vllm/transformers: sample at --temperature as the release does (vLLM at 0.01, "
@@ -88,9 +90,9 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     run = argparse.ArgumentParser(prog="python -m thi", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(run)
-    run.add_argument("--lam", type=float, default=0.8, help="Eq. 6's lambda (paper: 0.8)")
-    run.add_argument("--xi", type=float, help="threshold on the top-1 similarity (default 0.5; "
-                                              "0.55 with ICFG-PEDES as target)")
+    run.add_argument("--lam", type=float, default=LAMBDA, help=f"Eq. 6's lambda (paper: {LAMBDA})")
+    run.add_argument("--xi", type=float, help="threshold on the top-1 similarity (default "
+                     f"{XI}; by target: {TARGET_XI})")
     run.add_argument("--out", help="results folder (default RUN/thi/TARGET/LABEL, LABEL naming "
                                    "the backend and model, e.g. vllm-Qwen2-VL-7B-Instruct+icl_lora)")
     run.add_argument("--eq6-one-at", default="anchor", choices=("anchor", "top1"),
@@ -222,6 +224,7 @@ def _prepare(args, default_out: str):
     return target, data, score, client, out
 
 
+@cli_errors("python -m thi")
 def main(argv: Optional[list] = None) -> int:
     """Entry point of ``python -m thi`` (and ``python -m thi sweep``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -247,7 +250,7 @@ def main(argv: Optional[list] = None) -> int:
         else:
             from . import run_thi
 
-            xi = args.xi if args.xi is not None else TARGET_XI.get(target, DEFAULT_XI)
+            xi = args.xi if args.xi is not None else xi_for(target)
             result = run_thi(data["similarity"], data["captions"], data["image_paths"], client,
                              score, lam=args.lam, xi=xi, ask=args.ask, one_at=args.eq6_one_at, **common)
             if result.rounds and result.rounds[-1].get("metrics"):

@@ -8,24 +8,32 @@ folder the state is saved after every stage, so a killed run resumes where it st
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
-import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import gating, report
+from utils.io import atomic_save_npy, atomic_write_json
+from utils.mllm.identity import identity_info
+from utils.mllm.parsing import parse_vqa, parse_yes_no
+# The stage requests and answer rules live with the MLLM client; re-exported for THI's callers.
+from utils.mllm.stages import (StageRunner, aggr_request, clean_aggregation, loc_request,
+                               report_unusable, usable, vqa_request)
+
+from . import defaults, gating, report
 from .rerank import check_lambda, rerank_rows
 from .state import THIState, fingerprint, load_similarity, load_state, save_state
 
-TOP_K_SAVED = 10
-# A stage whose answers are unparseable more often than this gets a loud warning (log, summary).
-MOSTLY_UNPARSEABLE = 0.5
-_OUTPUT_PREFIX = re.compile(r"^\s*(?:output|answer)\s*[:：]\s*", re.I)
+__all__ = ["THIResult", "aggr_request", "ask_one", "clean_aggregation", "loc_request",
+           "refine_query", "run_thi", "vqa_request"]
+
+TOP_K_SAVED = defaults.TOP_K_SAVED
 
 
 @dataclass
@@ -75,117 +83,28 @@ def _client_stats(client) -> dict:
             if hasattr(stats, k)}
 
 
-def clean_aggregation(answer) -> str:
-    """The refined query from an aggregation answer ("" when unusable)."""
-    if not isinstance(answer, str):
-        return ""
-    text = _OUTPUT_PREFIX.sub("", answer.strip())
-    return " ".join(text.split())
-
-
-def _takes_accept(client) -> bool:
-    """Whether ``client.generate`` takes ``accept=`` (our clients do; a bare stand-in may not)."""
-    try:
-        params = inspect.signature(client.generate).parameters
-    except (TypeError, ValueError):
-        return False
-    return "accept" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-def _usable_loc(answer: str) -> bool:
-    from utils.mllm.parsing import parse_yes_no
-    return parse_yes_no(answer) is not None
-
-
-def _usable_vqa(answer: str) -> bool:
-    from utils.mllm.parsing import parse_vqa
-    return bool(parse_vqa(answer))
-
-
-def _usable_aggr(answer: str) -> bool:
-    return bool(clean_aggregation(answer))
-
-
-# What makes an answer of each stage usable: the rest is counted as a parse failure, returned
-# for this run, not cached as an answer, and asked again by the next run.
-USABLE = {"loc": _usable_loc, "vqa": _usable_vqa, "aggr": _usable_aggr}
-
-
-def loc_request(caption: str, image):
-    """Step 1's request: does ``caption`` describe ``image`` (a candidate's path)?"""
-    from utils.mllm import Request
-    from utils.mllm.prompts import loc_prompt
-
-    return Request(loc_prompt(caption), image=image)
-
-
-def vqa_request(image):
-    """Step 2's request: the 15 human-centred questions on the anchor ``image``."""
-    from utils.mllm import Request
-    from utils.mllm.prompts import vqa_prompt
-
-    return Request(vqa_prompt(), image=image)
-
-
-def aggr_request(caption: str, subtexts: Sequence[str]):
-    """Step 3's request: the original ``caption`` and the parsed VQA ``subtexts`` -> one query."""
-    from utils.mllm import Request
-    from utils.mllm.prompts import aggr_prompt
-
-    return Request(aggr_prompt(caption, list(subtexts)))
-
-
 def ask_one(client, stage: str, request, *, temperature: float = 0.01,
             max_tokens: int = 512) -> str:
-    """One request of ``stage`` (loc, vqa, aggr), cached only when usable (``USABLE``), as
-    ``run_thi``'s stages do."""
-    extra = {"accept": USABLE[stage]} if _takes_accept(client) else {}
-    return client.generate([request], temperature=temperature, max_tokens=max_tokens,
-                           **extra)[0]
+    """One request of ``stage`` (loc, vqa, aggr) through the shared stage runner, cached only
+    when usable, as ``run_thi``'s stages are."""
+    return StageRunner(client, temperature=temperature, max_tokens=max_tokens).ask_one(stage,
+                                                                                       request)
 
 
 def refine_query(client, caption: str, anchor_image, *, temperature: float = 0.01,
                  max_tokens: int = 512) -> tuple[list, str]:
     """Steps 2 and 3 for one query whose anchor is known: ``(subtexts, refined text)``.
 
-    The same requests and parsers as ``run_thi``; an unusable VQA answer gives ``([], "")``
+    The same requests and answer rules as ``run_thi``; an unusable VQA answer gives ``([], "")``
     (no aggregation asked), an unusable aggregation answer ``(subtexts, "")``.
     """
-    from utils.mllm.parsing import parse_vqa
-
-    opts = {"temperature": temperature, "max_tokens": max_tokens}
-    subtexts = parse_vqa(ask_one(client, "vqa", vqa_request(anchor_image), **opts))
-    if not subtexts:
+    runner = StageRunner(client, temperature=temperature, max_tokens=max_tokens)
+    answer = runner.ask_one("vqa", vqa_request(anchor_image))
+    if not usable("vqa", answer):
         return [], ""
-    return subtexts, clean_aggregation(ask_one(client, "aggr", aggr_request(caption, subtexts),
-                                               **opts))
-
-
-class _Stage:
-    """Sends one stage's requests as one batch and books calls, misses and MLLM time."""
-
-    def __init__(self, client, record: dict, temperature: float, max_tokens: int):
-        self.client, self.record = client, record
-        self.temperature, self.max_tokens = temperature, max_tokens
-        self.accept = _takes_accept(client)
-
-    def ask(self, stage: str, requests: list) -> list:
-        if not requests:
-            return []
-        before = _client_stats(self.client).get("cache_misses")
-        t0 = time.perf_counter()
-        extra = {"accept": USABLE[stage]} if self.accept else {}
-        answers = list(self.client.generate(requests, temperature=self.temperature,
-                                            max_tokens=self.max_tokens, **extra))
-        self.record["mllm_seconds"] += time.perf_counter() - t0
-        if len(answers) != len(requests):
-            raise RuntimeError(f"the MLLM client returned {len(answers)} answers for "
-                               f"{len(requests)} {stage} requests")
-        after = _client_stats(self.client).get("cache_misses")
-        self.record["calls"][stage] += len(requests)
-        # Without cache counters every request is a real call.
-        self.record["uncached"][stage] += (after - before) if before is not None else len(requests)
-        return answers
+    subtexts = parse_vqa(answer)
+    answer = runner.ask_one("aggr", aggr_request(caption, subtexts))
+    return subtexts, clean_aggregation(answer) if usable("aggr", answer) else ""
 
 
 def _new_record(round_no: int) -> dict:
@@ -261,30 +180,43 @@ class _Interaction:
         """Round ``r`` (0-based) from the stage the state names to the end."""
         if not self.state.current:
             self.state.current = _new_record(r + 1)
-        stage = _Stage(self.client, self.state.current, self.temperature, self.max_tokens)
         for name, step, next_stage in (("loc", self.localize, "vqa"), ("vqa", self.vqa, "aggr"),
                                        ("aggr", self.aggregate, "rerank")):
             if self.state.stage == name:
                 t0 = time.perf_counter()
-                step(r, stage)
+                step(r)
                 self.state.current["seconds"] += time.perf_counter() - t0
                 self.checkpoint(next_stage)
         if self.state.stage == "rerank":
             self.rerank(r)
 
-    def localize(self, r: int, stage: _Stage) -> None:
-        """Step 1: ask candidate r of the queries the schedule picks; gate new anchors."""
-        from utils.mllm.parsing import parse_yes_no
+    def ask(self, r: int, stage: str, requests: list, consequence: str) -> list:
+        """``stage``'s requests as one batch through the stage runner: the round's record books
+        requests, uncached requests, unusable answers and MLLM seconds; unusable answers are
+        reported (the banner, kept for the summary, when most are)."""
+        runner = StageRunner(self.client, temperature=self.temperature,
+                             max_tokens=self.max_tokens)
+        answers = runner.ask(stage, requests) if requests else []
+        counts, rec = runner.counts[stage], self.state.current
+        rec["calls"][stage] += counts.asked
+        rec["uncached"][stage] += counts.uncached
+        rec["parse_failures"][stage] += counts.unusable
+        rec["mllm_seconds"] += counts.seconds
+        bad = [a for a in answers if not usable(stage, a)]
+        banner = report_unusable(self.logger, f"round {r + 1}, {stage}", len(bad), len(answers),
+                                 consequence, first=bad[0] if bad else None)
+        if banner:
+            rec.setdefault("warnings", []).append(banner)
+        return answers
 
+    def localize(self, r: int) -> None:
+        """Step 1: ask candidate r of the queries the schedule picks; gate new anchors."""
         st, rec = self.state, self.state.current
         asked = np.flatnonzero(gating.ask_mask(self.ask_scheme, r, self.rounds, self.top1,
                                                self.xi, self.anchors, self.said_yes))
         reqs = [loc_request(self.captions[q], self.image_paths[self.cands[q, r]]) for q in asked]
-        answers = stage.ask("loc", reqs)
-        parsed = [parse_yes_no(a) for a in answers]
-        self.check_parsed(r, "loc", answers, [p is not None for p in parsed],
-                          "they count as 'No'")
-        yes = np.array([p is True for p in parsed], dtype=bool)  # unparseable counts as "No"
+        answers = self.ask(r, "loc", reqs, "they count as 'No'")
+        yes = np.array([parse_yes_no(a) is True for a in answers], dtype=bool)
         new = asked[gating.decide(r, yes, self.top1[asked], self.xi, self.anchors[asked],
                                   self.said_yes[asked])]
         self.said_yes[asked] |= yes
@@ -296,56 +228,29 @@ class _Interaction:
         rec["asked"], rec["new_anchors"] = int(len(asked)), int(len(new))
         st.pending = [int(q) for q in new]
 
-    def vqa(self, r: int, stage: _Stage) -> None:
-        """Step 2: the 15 questions on each new anchor image, parsed into sub-sentences."""
-        from utils.mllm.parsing import parse_vqa
-
+    def vqa(self, r: int) -> None:
+        """Step 2: the 15 questions on each new anchor image, parsed into sub-sentences; a query
+        whose answer is unusable keeps its base similarity."""
         st = self.state
         reqs = [vqa_request(self.image_paths[self.anchors[q]]) for q in st.pending]
-        kept, answers, ok = [], stage.ask("vqa", reqs), []
-        for q, answer in zip(st.pending, answers):
-            subtexts = parse_vqa(answer)
-            ok.append(bool(subtexts))
-            if subtexts:
-                st.subtexts[str(q)] = subtexts
-                kept.append(q)
-            # else nothing usable: the query keeps its base similarity
-        self.check_parsed(r, "vqa", answers, ok, "those queries keep their base similarity")
+        answers = self.ask(r, "vqa", reqs, "those queries keep their base similarity")
+        kept = [q for q, a in zip(st.pending, answers) if usable("vqa", a)]
+        for q, a in zip(st.pending, answers):
+            if usable("vqa", a):
+                st.subtexts[str(q)] = parse_vqa(a)
         st.pending = kept
 
-    def aggregate(self, r: int, stage: _Stage) -> None:
+    def aggregate(self, r: int) -> None:
         """Step 3: original query + sub-sentences -> the refined query."""
         st = self.state
         reqs = [aggr_request(self.captions[q], st.subtexts[str(q)]) for q in st.pending]
-        kept, answers, ok = [], stage.ask("aggr", reqs), []
-        for q, answer in zip(st.pending, answers):
-            text = clean_aggregation(answer)
-            ok.append(bool(text))
-            if text:
-                st.refined[q] = text
+        answers = self.ask(r, "aggr", reqs, "those queries keep their base similarity")
+        kept = []
+        for q, a in zip(st.pending, answers):
+            if usable("aggr", a):
+                st.refined[q] = clean_aggregation(a)
                 kept.append(q)
-        self.check_parsed(r, "aggr", answers, ok, "those queries keep their base similarity")
         st.pending = kept
-
-    def check_parsed(self, r: int, stage: str, answers: list, ok: list, consequence: str) -> None:
-        """Count the unusable answers of ``stage``; warn, loudly when most are unusable (and
-        keep that warning for the summary)."""
-        rec = self.state.current
-        bad = [a for a, good in zip(answers, ok) if not good]
-        rec["parse_failures"][stage] += len(bad)
-        if not bad:
-            return
-        share = len(bad) / len(answers)
-        line = (f"round {r + 1}, {stage}: {len(bad)} of {len(answers)} MLLM answers "
-                f"({100 * share:.0f}%) were empty or unparseable (first: {bad[0]!r:.120}); "
-                f"{consequence}; they are not cached and are asked again next run")
-        if share > MOSTLY_UNPARSEABLE:
-            line = (f"MOSTLY UNPARSEABLE: {line}. Check the model, adapter or served name "
-                    f"(--model, --lora, --served-model) and that it follows the prompt")
-            rec.setdefault("warnings", []).append(line)
-            self.logger.warning("!" * 78 + "\n%s\n" + "!" * 78, line)
-        else:
-            self.logger.warning("%s", line)
 
     def rerank(self, r: int) -> None:
         """Step 4: Eq. 6 for this round's refined queries, metrics, the round's report."""
@@ -365,22 +270,27 @@ class _Interaction:
         st.records.append(rec)
         st.current, st.pending, st.round = {}, [], r + 1
         self.checkpoint("loc", self.sim)
-        self.logger.info(
-            "round %d: asked %d, new anchors %d (total %d), refined %d, MLLM requests "
-            "loc/vqa/aggr %d/%d/%d (uncached %d), parse failures %s, %.1fs", r + 1, rec["asked"],
-            rec["new_anchors"], rec["anchored_total"], rec["refined_total"], rec["calls"]["loc"],
-            rec["calls"]["vqa"], rec["calls"]["aggr"], sum(rec["uncached"].values()),
-            rec["parse_failures"], rec["seconds"])
-        if self.metrics is not None:
-            self.logger.info("\n%s", report.round_table(r + 1, st.base_metrics, previous,
-                                                        rec["metrics"]))
+        _log_round(self.logger, rec, st.base_metrics, previous)
+
+
+def _log_round(logger, rec: dict, base_metrics: Optional[dict], previous: Optional[dict]) -> None:
+    """The round's log line and, with metrics, its table against the base and last round."""
+    logger.info(
+        "round %d: asked %d, new anchors %d (total %d), refined %d, MLLM requests "
+        "loc/vqa/aggr %d/%d/%d (uncached %d), parse failures %s, %.1fs", rec["round"],
+        rec["asked"], rec["new_anchors"], rec["anchored_total"], rec["refined_total"],
+        rec["calls"]["loc"], rec["calls"]["vqa"], rec["calls"]["aggr"],
+        sum(rec["uncached"].values()), rec["parse_failures"], rec["seconds"])
+    if rec.get("metrics") is not None:
+        logger.info("\n%s", report.round_table(rec["round"], base_metrics, previous,
+                                                rec["metrics"]))
 
 
 def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], client,
-            score_texts: Callable[[list], "np.ndarray"], *, lam: float = 0.8, xi: float = 0.5,
-            rounds: int = 5, q_pids=None, g_pids=None, out_dir: Optional[str] = None,
-            temperature: float = 0.01, max_tokens: int = 2048, progress: bool = True,
-            ask: str = "needed", one_at: str = "anchor") -> THIResult:
+            score_texts: Callable[[list], "np.ndarray"], *, lam: float = defaults.LAMBDA,
+            xi: float = defaults.XI, rounds: int = defaults.ROUNDS, q_pids=None, g_pids=None,
+            out_dir: Optional[str] = None, temperature: float = 0.01, max_tokens: int = 2048,
+            progress: bool = True, ask: str = "needed", one_at: str = "anchor") -> THIResult:
     """Run THI (Algorithm 1 + Eq. 6) and return the re-ranked similarity, anchors and texts.
 
     ``similarity``: base [Q, G] (tensor or array); ``captions``: the Q queries;
@@ -393,11 +303,6 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
     similarity to 1: ``anchor`` (both codebases) or ``top1`` (the paper's Eq. 6 as printed: the
     query's top-1 image of the base ranking).
     """
-    from contextlib import nullcontext
-
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     sim_base = _as_matrix(similarity)
     captions = [str(c) for c in captions]
     image_paths = [os.fspath(p) for p in image_paths]
@@ -407,17 +312,7 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
         raise ValueError(f"ask must be one of {gating.ASK_SCHEMES}, got {ask!r}")
     if one_at not in ONE_AT:
         raise ValueError(f"one_at must be one of {ONE_AT}, got {one_at!r}")
-    num_q = sim_base.shape[0]
-    metrics = None
-    if q_pids is not None:
-        from utils.metrics import t2i_metrics
-        q_pids, g_pids = np.asarray(q_pids, dtype=np.int64), np.asarray(g_pids, dtype=np.int64)
-
-        def metrics(s):
-            return report.with_rsum(t2i_metrics(s, q_pids, g_pids))
-
-    from utils.mllm.identity import identity_info
-
+    metrics = _metrics_fn(q_pids, g_pids)
     # The MLLM's identity belongs to the results: another model never gets this folder's results.
     fp = fingerprint(sim_base, captions, image_paths, lam=lam, xi=xi, rounds=rounds, ask=ask,
                      temperature=float(temperature), max_tokens=int(max_tokens),
@@ -430,66 +325,102 @@ def run_thi(similarity, captions: Sequence[str], image_paths: Sequence[str], cli
     logger = report.make_logger(os.path.join(out_dir, "thi.log") if out_dir else None,
                                 console=progress)
     try:
-        if state is None:
-            state = THIState.fresh(fp, num_q)
-            if out_dir:  # claim the folder for these inputs and settings at once
-                save_state(out_dir, state)
-        elif state.finished(rounds):
-            logger.info("%s holds a finished THI run; returning its results", out_dir)
-        else:
-            logger.info("resuming %s at round %d, stage %s", out_dir, state.round + 1, state.stage)
+        state = _start_state(state, fp, sim_base.shape[0], rounds, out_dir, logger)
         cost_file = os.path.join(out_dir, "cost.json") if out_dir else ""
         finished_before = state.finished(rounds) and os.path.isfile(cost_file)
         sim = load_similarity(out_dir, state, sim_base) if out_dir else sim_base.copy()
         if metrics is not None and state.base_metrics is None:
             state.base_metrics = metrics(sim_base)
         logger.info("THI: %d queries, %d gallery images, K=%d, lambda=%g, xi=%g, ask=%s",
-                    num_q, sim_base.shape[1], rounds, lam, xi, ask)
+                    sim_base.shape[0], sim_base.shape[1], rounds, lam, xi, ask)
         run = _Interaction(state=state, sim_base=sim_base, sim=sim, captions=captions,
                            image_paths=image_paths, client=client, score_texts=score_texts,
                            lam=lam, xi=xi, rounds=rounds, ask=ask, temperature=temperature,
                            max_tokens=max_tokens, out_dir=out_dir, metrics=metrics,
                            logger=logger, one_at=one_at)
-        # Log lines go through tqdm.write so they do not break the progress bar.
-        with logging_redirect_tqdm(loggers=[logger]) if progress else nullcontext():
-            with tqdm(total=rounds, initial=state.round, desc="THI rounds",
-                      disable=not progress) as bar:
-                for r in range(state.round, rounds):
-                    run.run_round(r)
-                    bar.update(1)
-
-        interacted = int(sum(state.asked_ever))
+        _run_rounds(run, rounds, progress, logger)
+        cost = None
         if finished_before:  # keep the finished run's own report (client counters included)
             with open(cost_file, encoding="utf-8") as f:
                 cost = json.load(f)
-        else:
-            cost = report.cost_report(state.records, num_q, interacted, _client_stats(client))
-        warnings = [w for rec in state.records for w in rec.get("warnings", [])]
-        cost.setdefault("warnings", warnings)
-        result = THIResult(similarity=run.sim, anchors=run.anchors.copy(),
-                           refined=list(state.refined), rounds=list(state.records),
-                           anchor_round=np.asarray(state.anchor_round, dtype=np.int64),
-                           base_metrics=state.base_metrics, cost=cost, warnings=warnings)
+        result = _result(run, client, cost)
         if out_dir and not finished_before:
             _write_outputs(out_dir, state, result, captions, image_paths, run.cands, run.top1)
-        logger.info("THI done: %d/%d queries interacted, %d anchored, %d refined, %.2f MLLM "
-                    "requests per query", interacted, num_q, int((run.anchors >= 0).sum()),
-                    sum(t is not None for t in state.refined), cost["calls_per_query"])
-        if warnings:
-            logger.warning("THI finished WITH %d WARNING(S): stages with mostly unparseable "
-                           "answers; the metrics above do not show what the model can do:\n%s",
-                           len(warnings), "\n".join(warnings))
+        _log_done(logger, run, result)
         return result
     finally:
         report.close_logger(logger)
+
+
+def _metrics_fn(q_pids, g_pids) -> Optional[Callable]:
+    """Per-round metrics (R1, R5, R10, mAP, mINP, rSum) with ids, else None."""
+    if q_pids is None:
+        return None
+    from utils.metrics import t2i_metrics  # torch: only for runs with ids
+
+    q_pids, g_pids = np.asarray(q_pids, dtype=np.int64), np.asarray(g_pids, dtype=np.int64)
+
+    def metrics(s):
+        return report.with_rsum(t2i_metrics(s, q_pids, g_pids))
+    return metrics
+
+
+def _start_state(state: Optional[THIState], fp: dict, num_q: int, rounds: int,
+                 out_dir: Optional[str], logger) -> THIState:
+    """A fresh state (claiming ``out_dir`` for these inputs at once) or the resumed one."""
+    if state is None:
+        state = THIState.fresh(fp, num_q)
+        if out_dir:
+            save_state(out_dir, state)
+    elif state.finished(rounds):
+        logger.info("%s holds a finished THI run; returning its results", out_dir)
+    else:
+        logger.info("resuming %s at round %d, stage %s", out_dir, state.round + 1, state.stage)
+    return state
+
+
+def _run_rounds(run: _Interaction, rounds: int, progress: bool, logger) -> None:
+    """The remaining rounds under a progress bar (log lines go through tqdm.write so they do
+    not break it)."""
+    with logging_redirect_tqdm(loggers=[logger]) if progress else nullcontext():
+        with tqdm(total=rounds, initial=run.state.round, desc="THI rounds",
+                  disable=not progress) as bar:
+            for r in range(run.state.round, rounds):
+                run.run_round(r)
+                bar.update(1)
+
+
+def _result(run: _Interaction, client, cost: Optional[dict]) -> THIResult:
+    """The run's result; ``cost``: a finished run's saved report, else built from the records."""
+    state = run.state
+    interacted = int(sum(state.asked_ever))
+    if cost is None:
+        cost = report.cost_report(state.records, len(state.refined), interacted,
+                                  _client_stats(client))
+    warnings = [w for rec in state.records for w in rec.get("warnings", [])]
+    cost.setdefault("warnings", warnings)
+    return THIResult(similarity=run.sim, anchors=run.anchors.copy(), refined=list(state.refined),
+                     rounds=list(state.records),
+                     anchor_round=np.asarray(state.anchor_round, dtype=np.int64),
+                     base_metrics=state.base_metrics, cost=cost, warnings=warnings)
+
+
+def _log_done(logger, run: _Interaction, result: THIResult) -> None:
+    logger.info("THI done: %d/%d queries interacted, %d anchored, %d refined, %.2f MLLM "
+                "requests per query", int(sum(run.state.asked_ever)), len(result.refined),
+                int((run.anchors >= 0).sum()), sum(t is not None for t in result.refined),
+                result.cost["calls_per_query"])
+    if result.warnings:
+        logger.warning("THI finished WITH %d WARNING(S): stages with mostly unusable "
+                       "answers; the metrics above do not show what the model can do:\n%s",
+                       len(result.warnings), "\n".join(result.warnings))
 
 
 def _write_outputs(out_dir: str, state: THIState, result: THIResult, captions, image_paths,
                    cands: np.ndarray, top1: np.ndarray) -> None:
     """Final similarity, top-10 rankings, per-query records, per-round metrics and the cost
     report; the state then points at final_similarity.npy (the run is complete)."""
-    from utils.io import atomic_save_npy, atomic_write_json
-    from utils.metrics import topk
+    from utils.metrics import topk  # torch
 
     atomic_save_npy(os.path.join(out_dir, "final_similarity.npy"), result.similarity)
     k = min(TOP_K_SAVED, result.similarity.shape[1])

@@ -24,9 +24,16 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from utils.errors import ProjectError
 from utils.io import atomic_save_npy, atomic_write_json
 
 STATE_FILE = "state.json"
+
+
+class SettingsChanged(ProjectError, ValueError):
+    """A THI results folder written with other inputs, settings or MLLM than this run's: a
+    refusal whose message lists each difference and what to do (entry points print it alone)."""
+
 STAGES = ("loc", "vqa", "aggr", "rerank")
 STATE_VERSION = 1
 
@@ -111,7 +118,7 @@ def load_state(out_dir: str, fp: dict) -> Optional[THIState]:
     if state.fingerprint != fp:
         lines = "\n".join(f"  {k}: saved {_short(old)}, now {_short(new)}"
                           for k, old, new in differences(state.fingerprint, fp))
-        raise ValueError(f"{path} belongs to a THI run with other inputs, settings or MLLM; "
+        raise SettingsChanged(f"{path} belongs to a THI run with other inputs, settings or MLLM; "
                          f"it differs in:\n{lines}\nIts results are not yours: pass another "
                          f"output folder (--out DIR), or start this folder over by deleting it "
                          f"(rm -r {out_dir})")

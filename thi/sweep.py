@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from . import report
+from . import defaults, report
 from .pipeline import _score, run_thi
 from .rerank import check_lambda, rerank
 
@@ -46,7 +46,7 @@ def parse_grid(text: str, name: str) -> list:
 
 def run_sweep(similarity, captions: Sequence[str], image_paths: Sequence[str], client,
               score_texts: Callable, *, lams: Sequence[float], xis: Sequence[float],
-              rounds: int = 5, q_pids=None, g_pids=None, out_dir: Optional[str] = None,
+              rounds: int = defaults.ROUNDS, q_pids=None, g_pids=None, out_dir: Optional[str] = None,
               temperature: float = 0.01, max_tokens: int = 2048,
               progress: bool = True) -> SweepResult:
     """Evaluate every (xi, lambda) pair; with ``out_dir`` each xi's THI run lives (resumable)

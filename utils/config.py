@@ -13,6 +13,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from utils.errors import ProjectError
+
 # Every key a config may set, with its default (the paper's settings for CUHK-PEDES, except the
 # release switches and emb_lr, which configs/rde_*.yaml and configs/icl_*.yaml set explicitly;
 # see docs/DEVIATIONS.md).
@@ -137,8 +139,14 @@ def _parse_override(item: str) -> tuple[str, Any]:
     return key, _number(yaml.safe_load(value)) if value.strip() else None
 
 
-class ConfigError(ValueError):
+class ConfigError(ProjectError, ValueError):
     """A config value of the wrong type or out of range; the message names key, value and source."""
+
+
+class UnknownConfigKey(ConfigError, KeyError):
+    """A key that no config may set; the message lists the valid keys."""
+
+    __str__ = Exception.__str__  # KeyError would print the message in quotes
 
 
 # Keys whose default is None (or whose default's type is not the whole story): accepted types.
@@ -147,9 +155,63 @@ OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
 }
 # Keys that may also be a bool (YAML reads "amp: false" as a bool; resolve_amp treats it as none).
 ALSO_BOOL = {"amp"}
-POSITIVE = {"batch_size", "test_batch_size", "num_epoch", "eval_period", "log_period", "num_instance",
-            "text_length", "stride_size", "tse_embed_dim"}
-NON_NEGATIVE = {"num_workers", "warmup_epochs", "lr", "weight_decay", "temperature"}
+# The valid range of every numeric key: (low, low included, high, high included); None is
+# unbounded. Floats must also be finite (YAML reads ``.nan`` and ``.inf``). A value outside its
+# range would train silently wrong (nan lr, inf temperature) or fail late (select_ratio 0 selects
+# no tokens): refused at load, before anything is written.
+INF = float("inf")
+RANGES: dict[str, tuple[float, bool, float, bool]] = {
+    # run
+    "seed": (0, True, INF, False), "log_period": (1, True, INF, False), "eval_period": (1, True, INF, False),
+    # data
+    "img_size": (1, True, INF, False), "text_length": (1, True, INF, False),
+    "num_instance": (1, True, INF, False), "batch_size": (1, True, INF, False),
+    "test_batch_size": (1, True, INF, False), "num_workers": (0, True, INF, False),
+    "noisy_rate": (0, True, 1, False),
+    # model
+    "stride_size": (1, True, INF, False), "select_ratio": (0, False, 1, True),
+    "tse_embed_dim": (1, True, INF, False), "temperature": (0, False, INF, False),
+    # losses
+    "tau": (0, False, INF, False), "margin": (0, True, INF, False),
+    "rda_gamma_start": (0, True, INF, False), "rda_gamma_decay": (0, True, INF, False),
+    "rda_gamma_min": (0, True, INF, False),
+    # solver
+    "lr": (0, False, INF, False), "lr_factor": (0, False, INF, False), "emb_lr": (0, False, INF, False),
+    "bias_lr_factor": (0, False, INF, False), "weight_decay": (0, True, INF, False),
+    "weight_decay_bias": (0, True, INF, False), "momentum": (0, True, 1, False),
+    "alpha": (0, True, 1, False), "beta": (0, True, 1, False), "adam_eps": (0, False, INF, False),
+    "num_epoch": (1, True, INF, False), "milestones": (1, True, INF, False), "gamma": (0, False, INF, False),
+    "warmup_epochs": (0, True, INF, False), "warmup_factor": (0, False, 1, True),
+    "target_lr": (0, True, INF, False), "power": (0, True, INF, False),
+}
+
+
+def describe_range(key: str) -> str:
+    """The valid values of numeric ``key`` in words ("a finite number > 0", "in (0, 1]")."""
+    lo, lo_in, hi, hi_in = RANGES[key]
+    default = DEFAULTS.get(key)
+    if isinstance(default, list):
+        return ("[height, width] of positive integers" if key == "img_size"
+                else "a list of positive integers in increasing order")
+    kind = "integer" if isinstance(default, int) and not isinstance(default, bool) else "number"
+    if hi == INF:
+        if kind == "integer":
+            return "a positive integer" if (lo, lo_in) == (1, True) else f"an integer >= {lo}"
+        return f"a finite number {'>=' if lo_in else '>'} {lo:g}"
+    return f"a {kind} in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def _in_range(key: str, value: Any) -> bool:
+    lo, lo_in, hi, hi_in = RANGES[key]
+    values = value if isinstance(value, list) else [value]
+    if key == "milestones" and any(b <= a for a, b in zip(values, values[1:])):
+        return False
+    for v in values:  # nan fails every comparison and inf the open upper bound: both refused
+        if not ((v >= lo) if lo_in else (v > lo)) or not ((v <= hi) if hi_in else (v < hi)):
+            return False
+    return True
+
+
 CHOICES = {"sampler": ("random", "identity"), "val_dataset": ("val", "test"),
            # release switches (docs/DEVIATIONS.md)
            "train_mode": ("train", "release_icl"), "ccd_loss_pass": ("eval_transform", "train_loader"),
@@ -218,14 +280,10 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         elif elem == {str} or (key == "resume_change"):
             if not all(isinstance(v, str) for v in value):
                 raise fail("a list of strings")
-    if key in POSITIVE and value <= 0:
-        raise fail("a positive value")
-    if key in NON_NEGATIVE and value < 0:
-        raise fail("a value >= 0")
+    if key in RANGES and not _in_range(key, value):
+        raise fail(describe_range(key))
     if key in CHOICES and value not in CHOICES[key]:
         raise fail("one of " + ", ".join(CHOICES[key]))
-    if key == "noisy_rate" and not 0.0 <= value < 1.0:
-        raise fail("a rate in [0, 1)")
     return value
 
 
@@ -237,7 +295,7 @@ def check_types(cfg: dict, where: str = "config") -> dict:
 def _check_keys(keys: Iterable[str], where: str, allowed: dict) -> None:
     unknown = sorted(k for k in keys if k not in allowed)
     if unknown:
-        raise KeyError(f"{where}: unknown config key(s) {unknown}; valid keys: {sorted(allowed)}")
+        raise UnknownConfigKey(f"{where}: unknown config key(s) {unknown}; valid keys: {sorted(allowed)}")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = (),
@@ -247,10 +305,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
     if path is not None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file {path} not found (see configs/ for examples)")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        from utils.io import read_text
+        try:
+            data = yaml.safe_load(read_text(path)) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err}); fix the line shown or start from a file "
+                              "under configs/") from err
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: a config must be a YAML mapping of key: value")
+            raise ConfigError(f"{path}: a config must be a YAML mapping of key: value")
         _check_keys(data, str(path), cfg)
         cfg.update(check_types({k: _number(v) for k, v in data.items()}, str(path)))
     pairs = [_parse_override(o) for o in overrides]

@@ -7,24 +7,28 @@ the space the write needed (``DiskFullError``), never torch's bare ``unexpected 
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
+
+from utils.errors import InputFileError, ProjectError
 
 TEMP_PREFIX = ".tmp-"
 _FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
-class DiskFullError(OSError):
+class DiskFullError(ProjectError, OSError):
     """No space left while writing ``path``; says how much the write needed and what was free."""
 
 
-class CheckpointReadError(RuntimeError):
+class CheckpointReadError(ProjectError, RuntimeError):
     """A checkpoint file exists but cannot be read (truncated, corrupt, not a torch file)."""
 
 
@@ -66,9 +70,14 @@ class _CountingSink:
         return True
 
 
+# numpy's tofile() (np.save into a real file) reports a short fwrite without an errno.
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+
+
 def _is_disk_full(err: BaseException | None) -> bool:
     """True when ``err`` or an exception in its chain is ENOSPC/EDQUOT (torch wraps it in a
-    RuntimeError whose own message is only ``unexpected pos``)."""
+    RuntimeError whose own message is only ``unexpected pos``) or a short write (numpy's
+    ``OSError: 64800 requested and 57312 written``: the disk filled during the write)."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -76,25 +85,50 @@ def _is_disk_full(err: BaseException | None) -> bool:
             return True
         if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
             return True
+        if isinstance(err, OSError) and _SHORT_WRITE.search(str(err)):
+            return True
         err = err.__cause__ or err.__context__
     return False
 
 
-def _disk_full_error(path: str, folder: str, write: Callable[[IO], None], err: BaseException) -> DiskFullError:
-    sink = _CountingSink()
-    try:
-        write(sink)
-        needed = f"{_human(sink.size)} ({sink.size} bytes)"
-    except Exception:  # noqa: BLE001 - the size is a courtesy; the error must still name the file
-        needed = "an unknown amount"
+def _disk_full_error(path: str, folder: str, write: Callable[[IO], None] | int, err: BaseException,
+                     kept: str = "the previous version of the file, if any, is unchanged",
+                     what: str = "the file") -> DiskFullError:
+    """``write``: the write (run again into a counting sink to measure it) or its size in bytes."""
+    if isinstance(write, int):
+        size = write
+    else:
+        sink = _CountingSink()
+        try:
+            write(sink)
+            size = sink.size
+        except Exception:  # noqa: BLE001 - the size is a courtesy; the error must still name the file
+            size = -1
+    needed = f"{_human(size)} ({size} bytes)" if size >= 0 else "an unknown amount"
     try:
         free = _human(shutil.disk_usage(folder).free)
     except OSError:
         free = "unknown"
     return DiskFullError(errno.ENOSPC,
-                         f"No space left on device writing {path}: the file needs {needed}, {free} free "
-                         f"in {folder}. Free space (or point output_dir/--out elsewhere) and rerun; "
-                         f"the previous version of the file, if any, is unchanged")
+                         f"No space left on device writing {path}: {what} needs {needed}, {free} free "
+                         f"in {folder} ({type(err).__name__}: {err}). Free space (or point output_dir/--out "
+                         f"elsewhere) and rerun; {kept}")
+
+
+@contextlib.contextmanager
+def disk_full_named(path: str | os.PathLike, size: int,
+                    kept: str = "the lines written before are kept; a rerun resumes from them") -> Iterator[None]:
+    """Around a non-atomic write of ``size`` bytes to ``path`` (an append to a log): a full
+    disk or short write becomes a ``DiskFullError`` naming the file, not a bare ``Errno 28``."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as err:
+        if not _is_disk_full(err):
+            raise
+        path = os.fspath(path)
+        raise _disk_full_error(path, os.path.dirname(os.path.abspath(path)), size, err, kept, "the append") from err
 
 
 def _atomic(path: str | os.PathLike, write: Callable[[IO], None], mode: str = "wb") -> None:
@@ -122,6 +156,48 @@ def _atomic(path: str | os.PathLike, write: Callable[[IO], None], mode: str = "w
         raise
 
 
+# ---------------------------------------------------------------------- reading input files
+ENCODING_FIX = ("re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8) or restore the "
+                "original file")
+
+
+def read_text(path: str | os.PathLike, fix: str = ENCODING_FIX) -> str:
+    """A UTF-8 text file's content; bytes that are not UTF-8 raise ``InputFileError`` naming the
+    file, the offset and line of the first bad byte, and ``fix``."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise InputFileError(
+            f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}, line {line}: "
+            f"{err.reason}); {fix}") from err
+
+
+def read_json(path: str | os.PathLike, fix: str = "restore or regenerate it") -> Any:
+    """A JSON file's content; undecodable text or invalid JSON raise ``InputFileError`` naming
+    the file and ``fix``."""
+    path = os.fspath(path)
+    text = read_text(path, fix=f"{ENCODING_FIX}; or {fix}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputFileError(f"{path}: not valid JSON ({err}); {fix}") from err
+
+
+def check_utf8(text: str) -> str | None:
+    """None when ``text`` can be written as UTF-8, else a description of the first character
+    that cannot (a lone surrogate such as ``\\udcff``, which JSON escapes can carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"holds {text[err.start]!r} at character {err.start}, which is not a Unicode character ({err.reason})"
+    return None
+
+
+# ---------------------------------------------------------------------- atomic writes
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     _atomic(path, lambda f: f.write(text), mode="w")
 

@@ -1,7 +1,8 @@
 """The search engine behind the page: query kinds, sessions, one THI step per answer.
 
 No web code here. A session holds one query's base similarity over the gallery and its
-interaction so far. One answer is one THI step (``thi.pipeline``'s requests and parsers, Eq. 6
+interaction so far. One answer is one THI step (``thi.pipeline``'s step functions over the MLLM
+stage runner, ``utils.mllm.stages``: the same requests and answer rules as THI and RDA; Eq. 6
 from ``thi.rerank``):
 
 * "this is the one" (the person, or the MLLM's anchor localization on request) makes the image
@@ -10,13 +11,18 @@ from ``thi.rerank``):
   similarity and S_bar the refined text's similarity, 1 at every confirmed image. A later
   confirmation refines the latest refined text again (multi-round, beyond ICL's single anchor).
 * "not this one" sets the image aside (ranked last) and changes no score; an MLLM "No" (or an
-  unparseable answer, as in THI) does the same.
+  unparseable answer, as in THI) does the same. "undo" brings a set-aside image back.
+
+A session takes at most ``max_rounds`` answers (``--rounds``): its state, its export and the
+work of each answer stay bounded.
 
 Query kinds: ``text``; ``attributes`` (the 15 VQA questions as fields, see ``attributes``);
 ``text_image`` (w * image similarity + (1 - w) * text similarity); ``image`` (image -> image).
 """
 from __future__ import annotations
 
+import os
+import re
 import secrets
 import threading
 import time
@@ -26,13 +32,18 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..pipeline import ask_one, loc_request, refine_query
+from utils.mllm.parsing import parse_yes_no
+from utils.mllm.stages import loc_request
+
+from ..defaults import LAMBDA
+from ..pipeline import ask_one, refine_query
 from ..rerank import check_lambda, rerank_rows
 from .attributes import attributes_to_text
 
 KINDS = ("text", "attributes", "text_image", "image")
-ANSWERS = ("yes", "no", "mllm")
+ANSWERS = ("yes", "no", "mllm", "undo")
 MAX_TEXT_CHARS = 2000
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class BadRequest(ValueError):
@@ -89,8 +100,12 @@ class SessionStore:
                 self._items.popitem(last=False)
 
     def get(self, session_id: str) -> Session:
+        if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
+            size = len(session_id) if isinstance(session_id, str) else type(session_id).__name__
+            raise BadRequest(f"malformed session id ({size}): pass the 'session' that "
+                             f"/api/search returned (1-64 letters, digits, '-' or '_')")
         with self._lock:
-            session = self._items.get(str(session_id))
+            session = self._items.get(session_id)
             if session is None:
                 raise NotFound(f"unknown session {session_id!r} (expired or never created: the "
                                f"server keeps the {self.capacity} most recent sessions); start "
@@ -141,9 +156,10 @@ class SearchEngine:
 
     def __init__(self, image_paths: Sequence[str], score_texts: Callable, *,
                  score_images: Optional[Callable] = None, client=None, g_pids=None,
-                 examples: Optional[Sequence] = None, lam: float = 0.8,
+                 examples: Optional[Sequence] = None, lam: float = LAMBDA,
                  default_image_weight: float = 0.5, top_k: int = 20, max_sessions: int = 64,
-                 temperature: float = 0.01, max_tokens: int = 512, info: Optional[dict] = None):
+                 max_rounds: int = 100, temperature: float = 0.01, max_tokens: int = 512,
+                 info: Optional[dict] = None, image_root: Optional[str] = None):
         self.image_paths = [str(p) for p in image_paths]
         self.num_gallery = len(self.image_paths)
         if self.num_gallery == 0:
@@ -157,6 +173,10 @@ class SearchEngine:
         self.lam = check_lambda(lam)
         self.default_image_weight = _weight(default_image_weight)
         self.top_k = int(top_k)
+        if int(max_rounds) < 1:
+            raise ValueError(f"max_rounds (--rounds) must be >= 1, got {max_rounds}")
+        self.max_rounds = int(max_rounds)
+        self.image_root = image_root  # paths are shown relative to it
         self.temperature, self.max_tokens = float(temperature), int(max_tokens)
         self.sessions = SessionStore(max_sessions)
         self.info = dict(info or {})
@@ -232,6 +252,9 @@ class SearchEngine:
             raise BadRequest(f"answer must be one of {', '.join(ANSWERS)}, got {answer!r}")
         session = self.sessions.get(session_id)
         with session.lock:
+            if len(session.rounds) >= self.max_rounds:
+                raise BadRequest(f"this search has had its {self.max_rounds} answers (--rounds); "
+                                 f"start a new search (GET /api/session/ID keeps this one)")
             if gallery_index is None:
                 if answer != "mllm":
                     raise BadRequest("gallery_index is missing: which image is (not) the one?")
@@ -242,7 +265,9 @@ class SearchEngine:
                     "mllm_seconds": 0.0}
             if answer == "mllm":
                 answer = self._ask_localization(session, g, step)
-            if answer == "yes":
+            if answer == "undo":
+                self._undo_reject(session, g, step)
+            elif answer == "yes":
                 self._confirm(session, g, step)
             else:
                 self._reject(session, g, step)
@@ -259,8 +284,6 @@ class SearchEngine:
         raise BadRequest("every gallery image has been judged")
 
     def _ask_localization(self, session: Session, g: int, step: dict) -> str:
-        from utils.mllm.parsing import parse_yes_no
-
         if self.client is None:
             raise BadRequest("this server has no MLLM (start it with --backend); answer yourself")
         if not session.current_text:
@@ -287,6 +310,26 @@ class SearchEngine:
         step["refined_text"] = session.current_text
         step["encode_rerank_seconds"] = 0.0
 
+    def _undo_reject(self, session: Session, g: int, step: dict) -> None:
+        if g not in session.rejected:
+            raise BadRequest(f"gallery image {g} is not set aside: nothing to undo")
+        step["action"] = "undo"
+        session.prev_key = ranking_key(session.scores, session.rejected)
+        session.rejected.remove(g)
+        step["refined_text"] = session.current_text
+        step["encode_rerank_seconds"] = 0.0
+
+    def _identity_warning(self, session: Session, g: int) -> Optional[str]:
+        """A warning when ``g`` shows another identity than the images confirmed before."""
+        if self.g_pids is None or not session.anchors:
+            return None
+        others = sorted({int(self.g_pids[a]) for a in session.anchors} - {int(self.g_pids[g])})
+        if not others:
+            return None
+        return (f"image {g} shows identity {int(self.g_pids[g])}, but the image(s) confirmed "
+                f"before show identity {', '.join(map(str, others))}: the query now mixes "
+                f"two people")
+
     def _confirm(self, session: Session, g: int, step: dict) -> None:
         if g in session.anchors:
             raise BadRequest(f"gallery image {g} is already confirmed")
@@ -300,6 +343,9 @@ class SearchEngine:
                                              self.image_paths[g], temperature=self.temperature,
                                              max_tokens=self.max_tokens)
         step["mllm_seconds"] += time.perf_counter() - t0
+        warning = self._identity_warning(session, g)
+        if warning:
+            step["warning"] = warning
         session.prev_key = ranking_key(session.scores, session.rejected)
         if g in session.rejected:
             session.rejected.remove(g)
@@ -322,6 +368,24 @@ class SearchEngine:
         return rerank_rows(base[None], s_bar[None], np.asarray(anchors[-1:]), self.lam)[0]
 
     # ---------------------------------------------------------------- views
+    @property
+    def run_name(self) -> Optional[str]:
+        """The run directory's name (never its absolute path)."""
+        run = self.info.get("run")
+        return os.path.basename(os.path.normpath(run)) if run else None
+
+    def shown_path(self, g: int) -> str:
+        """Gallery image ``g``'s path as the page may show it (relative to the data root)."""
+        from .paths import shown_path
+
+        return shown_path(self.image_paths[g], self.image_root)
+
+    def anchors_view(self, session: Session) -> list:
+        """The confirmed images with their identities (None when unknown)."""
+        return [{"gallery_index": int(a),
+                 "pid": None if self.g_pids is None else int(self.g_pids[a])}
+                for a in session.anchors]
+
     def target_rank(self, session: Session) -> Optional[int]:
         """Best 1-based rank of any image of the session's target identity (None without one)."""
         if session.target_pid is None or self.g_pids is None:
@@ -359,12 +423,12 @@ class SearchEngine:
         """The session as JSON: ``python -m thi --queries FILE`` replays its query."""
         return {
             "format": "icl-thi-session", "version": 1, "session": session.id,
-            "run": self.info.get("run"), "dataset": self.info.get("dataset"),
+            "run": self.run_name, "dataset": self.info.get("dataset"),
             "kind": session.kind, "lam": self.lam, "image_weight": session.image_weight,
             "attributes": dict(session.attributes),
             "queries": [{"text": session.text, "pid": session.target_pid}],
             "anchors": list(session.anchors),
-            "anchor_images": [self.image_paths[g] for g in session.anchors],
+            "anchor_images": [self.shown_path(g) for g in session.anchors],
             "rejected": list(session.rejected), "refined": session.refined or None,
             "rounds": [dict(r) for r in session.rounds],
         }

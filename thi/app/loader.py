@@ -76,6 +76,12 @@ def build_engine(args) -> SearchEngine:
                     os.path.join(args.run, "eval", dataset), dataset)
         gallery = gallery_from_dataset(model, cfg, dataset, root, device, amp,
                                        progress=not args.no_progress)
+    from .paths import relocate_image_paths
+
+    gallery["image_paths"], moved = relocate_image_paths(
+        gallery["image_paths"], args.root, load_run_config(args.run).get("root_dir"), dataset)
+    if moved:
+        logger.info("%s", moved)
     missing = [p for p in gallery["image_paths"][:1] if not os.path.isfile(p)]
     if missing:
         logger.warning("gallery image %s not found: thumbnails will be missing (was the "
@@ -90,5 +96,6 @@ def build_engine(args) -> SearchEngine:
     return SearchEngine(gallery["image_paths"], score_texts, score_images=score_images,
                         client=client, g_pids=gallery["g_pids"], examples=gallery["examples"],
                         lam=args.lam, default_image_weight=args.image_weight, top_k=args.top_k,
-                        max_sessions=args.max_sessions, temperature=args.temperature,
-                        max_tokens=args.max_tokens, info=info)
+                        max_sessions=args.max_sessions, max_rounds=args.rounds,
+                        temperature=args.temperature, max_tokens=args.max_tokens, info=info,
+                        image_root=root)

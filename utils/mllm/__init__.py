@@ -10,12 +10,14 @@ import importlib
 
 from .base import BaseClient, MLLMError, Request
 
-# backend name -> (module, class); modules are imported only when that backend is built
+# backend name -> (module, class); modules are imported only when that backend is built. The
+# simulated MLLM lives in the offline world (offline/simulated.py): named here, never imported
+# by utils/ (tests/test_layers.py).
 BACKENDS = {
     "vllm": ("utils.mllm.vllm_backend", "VLLMClient"),
     "openai": ("utils.mllm.openai_backend", "OpenAIClient"),
     "transformers": ("utils.mllm.hf_backend", "TransformersClient"),
-    "simulated": ("utils.mllm.simulated", "SimulatedClient"),
+    "simulated": ("offline.simulated", "SimulatedClient"),
 }
 
 __all__ = ["BACKENDS", "BaseClient", "MLLMError", "Request", "build_client", "default_dtype"]

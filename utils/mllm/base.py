@@ -80,6 +80,8 @@ class BaseClient:
             self.cache = ResponseCache(cache_dir)
         self.stats: dict = {"calls": 0, "requests": 0, "cache_hits": 0, "cache_misses": 0,
                             "unusable": 0}
+        if self.cache is not None:  # torn or unreadable cache lines skipped so far
+            self.stats["cache_skipped_lines"] = self.cache.corrupt_lines
         # Hashing the same gallery image for every caption is wasteful: remember digests per
         # (path, size, mtime) for this client only.
         self._digests: dict = {}
@@ -185,6 +187,8 @@ class BaseClient:
         keys = [self.cache_key(r, temperature, max_tokens, identity) for r in requests]
         answers: list = (self.cache.get_many(keys, include_unusable=not self.retry_unusable)
                          if self.cache is not None else [None] * len(keys))
+        if self.cache is not None:
+            self.stats["cache_skipped_lines"] = self.cache.corrupt_lines
 
         # Identical requests in one batch are asked once.
         positions: dict[str, list[int]] = {}

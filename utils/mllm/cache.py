@@ -9,15 +9,20 @@ for the same key replaces them. An empty answer is never usable.
 Each record is appended with a single ``write`` under an exclusive ``flock``, so a killed
 process loses at most the answers it had not written yet and concurrent writers never
 interleave. A torn last line (a process killed mid-write, or a
-filesystem that ignores locks) is skipped on load; the next writer starts on a fresh line so the
+filesystem that ignores locks) is skipped on load, counted (``corrupt_lines``, what
+``refresh()`` returns, the client's ``stats["cache_skipped_lines"]``) and logged with the file's
+path; the next writer starts on a fresh line so the
 torn fragment cannot swallow a good record.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Iterable, Mapping, Sequence
+
+from utils.io import disk_full_named
 
 try:  # POSIX only; without it the cache still works for a single process
     import fcntl
@@ -25,6 +30,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 CACHE_FILE = "responses.jsonl"
+log = logging.getLogger(__name__)
 
 
 def make_key(parts: Sequence[object]) -> str:
@@ -76,19 +82,27 @@ class ResponseCache:
     def __contains__(self, key: str) -> bool:
         return key in self._data
 
-    def refresh(self) -> None:
-        """Load complete lines appended since the last refresh (by any process)."""
+    def refresh(self) -> int:
+        """Load complete lines appended since the last refresh (by any process); returns how
+        many of them were torn or unreadable and skipped (their answers are asked again)."""
         if not os.path.exists(self.path):
-            return
+            return 0
         with open(self.path, "rb") as f, _Locked(f, exclusive=False):
             f.seek(self._offset)
             chunk = f.read()
         end = chunk.rfind(b"\n")
         if end < 0:  # nothing complete yet (or only a torn fragment)
-            return
+            return 0
         self._offset += end + 1
+        before = self.corrupt_lines
         for line in chunk[:end].split(b"\n"):
             self._ingest(line)
+        skipped = self.corrupt_lines - before
+        if skipped:
+            log.warning("MLLM cache %s: skipped %d torn or unreadable line(s) (a write cut by a "
+                        "kill, or not a cache record); their answers are asked again",
+                        self.path, skipped)
+        return skipped
 
     def _ingest(self, line: bytes) -> None:
         if not line.strip():
@@ -145,7 +159,10 @@ class ResponseCache:
         payload = "".join(json.dumps({"key": k, "answer": v, **extra}, ensure_ascii=False) + "\n"
                           for k, v in new.items()).encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        with os.fdopen(fd, "ab") as f, _Locked(f, exclusive=True):
+        # Outermost, so that the close's second failed flush is named too.
+        with disk_full_named(self.path, len(payload),
+                             kept="the answers cached before are kept; a rerun asks only the rest"), \
+                os.fdopen(fd, "ab") as f, _Locked(f, exclusive=True):
             # A process killed mid-write may have left a fragment without a newline: start a
             # fresh line so our first record stays parseable.
             size = os.fstat(f.fileno()).st_size

@@ -8,6 +8,8 @@ from typing import Union
 
 from PIL import Image
 
+from utils.images import to_rgb
+
 from .base import MLLMError
 
 ImageLike = Union[str, "os.PathLike[str]", Image.Image]
@@ -24,13 +26,13 @@ def load_image(image: ImageLike) -> Image.Image:
     A missing or unreadable file raises :class:`MLLMError` naming the path.
     """
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return image if image.mode == "RGB" else to_rgb(image, "(an in-memory image)")
     path = os.fspath(image)
     if not os.path.isfile(path):
         raise MLLMError(f"image file not found: {path!r} (check the dataset root / image paths)")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im, path)  # 16-bit scaled as the datasets' loader does
     except Exception as exc:  # PIL raises several unrelated types for bad files
         raise MLLMError(f"cannot read image {path!r}: {exc}") from exc
 

@@ -38,6 +38,23 @@ _UNINFORMATIVE = re.compile(
 _MARKDOWN = re.compile(r"\*\*|__|`")
 # Clauses an answer hedges with: "white sneakers, but the brand is not visible".
 _CLAUSE_SPLIT = re.compile(r",\s*(?:but|although|though|however|while)\s+|;\s+", re.I)
+# Gibberish tests (see looks_like_english): word-shaped tokens and, from three words on, one
+# common English word, which every real description sentence has.
+_WORD_SHAPE = re.compile(r"[A-Za-z]{1,20}(?:['’-][A-Za-z]{1,20})*")
+_VOWEL = re.compile(r"[aeiouyAEIOUY]")
+_STRIP = ".,;:!?()[]{}\"'“”‘’*_`#/"
+COMMON_WORDS = frozenset("""
+a an the this that these those his her he she him it its they them their there here one some
+is are was were be been being has have had does do did wears wearing worn wear carries carrying
+carry holds holding hold seems appears looks walking standing sitting riding
+and or but with without of in on at to from by for over under near behind into while also
+no not yes very light dark long short pair large small both only other
+person man woman men women boy girl lady guy people male female
+hair shirt t-shirt top jacket coat sweater hoodie dress skirt pants trousers jeans shorts shoes
+sneakers boots sandals bag backpack handbag hat cap glasses sunglasses scarf belt sleeves
+sleeve sleeved collar stripes striped pattern patterns logo color colored colour background
+black white red blue green yellow gray grey brown pink purple orange beige navy khaki
+""".split())
 
 
 def parse_yes_no(text: "str | None") -> "bool | None":
@@ -174,3 +191,30 @@ class ParseStats:
         """{kind: {"ok": n, "failed": n}} for reports."""
         kinds = sorted(set(self.ok) | set(self.failed))
         return {k: {"ok": self.ok.get(k, 0), "failed": self.failed.get(k, 0)} for k in kinds}
+
+
+def looks_like_english(text: str) -> bool:
+    """True when ``text`` reads as English words (see the module docstring), False for
+    gibberish."""
+    tokens = [t.strip(_STRIP) for t in text.split()]
+    tokens = [t for t in tokens if t]
+    if not tokens:
+        return False
+    shaped = sum(bool(_WORD_SHAPE.fullmatch(t) and _VOWEL.search(t)) for t in tokens)
+    if shaped < 0.8 * len(tokens):
+        return False
+    if len(tokens) < 3:
+        return True  # "Female.", "Black backpack.": VQA answers may be one or two words
+    return any(t.lower() in COMMON_WORDS for t in tokens)
+
+
+def looks_like_vqa_reply(parsed: list[str]) -> bool:
+    """A VQA answer parsed into sub-sentences (``parse_vqa``) is a reply when it has any and
+    most of them read as English."""
+    return bool(parsed) and sum(map(looks_like_english, parsed)) * 2 > len(parsed)
+
+
+def looks_like_sentences(lines: list[str]) -> bool:
+    """A decomposition or rewriting answer parsed into lines is a sentence set when it has
+    any and most of them read as English."""
+    return looks_like_vqa_reply(lines)

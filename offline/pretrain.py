@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from datasets.transforms import CLIP_MEAN, CLIP_STD
 from model.clip import build_clip, eot_index, resize_visual_pos_embed
-from model.tiny_clip import random_clip_state_dict
+from offline.tiny_clip import random_clip_state_dict
 from utils.io import atomic_torch_save
 from utils.tokenizer import tokenize_batch
 

@@ -40,7 +40,7 @@ What did not work: lr 3e-3 (no localization learned in 600 steps), a wider model
 initialisation of the caption tokens (no faster); the earlier recipe (400 steps, Yes-heavy
 pairs) said Yes to every pair.
 
-    python -m utils.mllm.tiny_icl DATASET_DIR OUT [--split test] [--rda-pairs 16] [--steps N]
+    python -m offline.tiny_icl DATASET_DIR OUT [--split test] [--rda-pairs 16] [--steps N]
 
 ``cached_tiny_icl`` builds it once per recipe (digest of the dataset's annotation and attribute
 files, the recipe and the source of this file and ``tiny_qwen2vl.py``) under a cache folder.
@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from .base import DEFAULT_PIXELS, Request
+from utils.mllm.base import DEFAULT_PIXELS, Request
 
 BUILDER_VERSION = 3
 # BPE pieces end at paragraph breaks; with a vocabulary large enough, BPE merges every piece of
@@ -102,8 +102,8 @@ class Example:
 
 def teacher_examples(dataset_dir: str, recipe: Recipe) -> list[Example]:
     """The training set: the simulated MLLM's answers to ICL's prompts (see the module doc)."""
-    from .parsing import parse_vqa
-    from .prompts import aggr_prompt, dec_prompt, loc_prompt, rwt_prompt, vqa_prompt
+    from utils.mllm.parsing import parse_vqa
+    from utils.mllm.prompts import aggr_prompt, dec_prompt, loc_prompt, rwt_prompt, vqa_prompt
     from .simulated import SimulatedClient
 
     teacher = SimulatedClient(dataset_dir)
@@ -135,7 +135,7 @@ def teacher_examples(dataset_dir: str, recipe: Recipe) -> list[Example]:
     # Every "Yes" pair, and per caption the "No" images sharing most of its attributes (the
     # ones a retrieval model ranks high, so THI asks about them).
     rng = random.Random(recipe.seed)
-    from datasets.synthpedes import parse_caption
+    from offline.synth_text import parse_caption
     attrs = teacher.images
     for i, caption in enumerate(captions):
         said = parse_caption(caption)
@@ -145,7 +145,7 @@ def teacher_examples(dataset_dir: str, recipe: Recipe) -> list[Example]:
 
         def shared(k):
             rel = os.path.relpath(loc_reqs[k].image, os.path.join(dataset_dir, "imgs"))
-            return sum(attrs[rel.replace(os.sep, "/")].get(a) == v for a, v in said.items())
+            return sum(attrs[rel.replace(os.sep, "/")].get(a) == v for a, v in said.items())  # noqa: B023 (used at once)
         keep = [k for k in rows if loc[k] == "Yes"]
         keep += sorted(no, key=shared, reverse=True)[:recipe.loc_negatives]
         out += [Example("loc", loc_reqs[k], loc[k]) for k in sorted(keep)]
@@ -153,7 +153,7 @@ def teacher_examples(dataset_dir: str, recipe: Recipe) -> list[Example]:
     # Aggregation where THI asks it: a caption with the answers about an image it matches; and
     # where RDA asks it: a training caption with its own image's answers.
     pairs = [(q.text, q.image) for q, a in zip(loc_reqs, loc) if a == "Yes"]
-    from .prompts import T_LOC
+    from utils.mllm.prompts import T_LOC
     prefix, suffix = T_LOC.split("{caption}")
     pairs = [(t[len(prefix):len(t) - len(suffix)], p) for t, p in pairs]
     rda_pairs = [(c, img(r)) for r in rda_records for c in r["captions"]]
@@ -173,7 +173,7 @@ def teacher_examples(dataset_dir: str, recipe: Recipe) -> list[Example]:
 
 
 def _corpus(examples: list[Example]) -> list[str]:
-    from .base import DEFAULT_SYSTEM
+    from utils.mllm.base import DEFAULT_SYSTEM
     return [DEFAULT_SYSTEM] + [t for e in examples for t in (e.request.text, e.answer)]
 
 
@@ -181,8 +181,8 @@ def _encode(examples: list[Example], processor, pixels: int) -> list[dict]:
     """Per example: input ids (prompt + answer + <|im_end|>), labels on the answer part only,
     and the image's pixel values as the clients send them (resized to the budget once). Each
     distinct image goes through the image processor once; texts are tokenized in one batch."""
-    from .hf_backend import chat_messages, processor_size
-    from .images import prepare_image
+    from utils.mllm.hf_backend import chat_messages, processor_size
+    from utils.mllm.images import prepare_image
 
     tok = processor.tokenizer
     end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -377,7 +377,7 @@ def evaluate(model_dir: "str | os.PathLike", examples: list[Example], *, pixels:
     ``loc_captions_both`` captions got both answers over their images (the answer depends on
     the image), ``loc_images_both`` images got both answers over their captions (it depends on
     the text)."""
-    from .hf_backend import TransformersClient
+    from utils.mllm.hf_backend import TransformersClient
 
     rng = random.Random(seed)
     chosen: dict[str, list[Example]] = {}
@@ -460,7 +460,7 @@ def cached_tiny_icl(dataset_dir: "str | os.PathLike", cache_root: "str | os.Path
 
 
 def main(argv: Optional[list] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m utils.mllm.tiny_icl",
+    ap = argparse.ArgumentParser(prog="python -m offline.tiny_icl",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("dataset_dir", help="a generated SynthPEDES folder (reid_raw.json, "
                                         "attributes.json, imgs/)")

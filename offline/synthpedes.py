@@ -14,7 +14,7 @@ CUHK-PEDES format, so every reader, loader and script runs on it unchanged:
 
 The attributes let a simulated MLLM answer the paper's VQA questions about an image
 (``answer_sentence``) and read attributes back from text (``parse_caption``).
-Command line: ``python -m datasets.synthpedes OUT_DIR --num-ids 60 --seed 0``.
+Command line: ``python -m offline.synthpedes OUT_DIR --num-ids 60 --seed 0``.
 """
 from __future__ import annotations
 
@@ -31,16 +31,16 @@ from tqdm import tqdm
 
 from utils.io import atomic_write_json
 
-from .annotations import BaseDataset
+from datasets.annotations import BaseDataset
+
 from .synth_render import render_person
-from .synth_schema import (QUESTION_ATTRIBUTES, SCHEMA, identity_key, mutate_identity, sample_identity,
-                           sample_image_attributes)
+from .synth_schema import (ATTRIBUTES_VERSION, QUESTION_ATTRIBUTES, SCHEMA, identity_key, mutate_identity,
+                           sample_identity, sample_image_attributes)
 from .synth_text import answer_sentence, compose_caption, parse_caption
 
 __all__ = ["SCHEMA", "QUESTION_ATTRIBUTES", "answer_sentence", "parse_caption", "compose_caption",
            "generate", "SynthPEDES", "ATTRIBUTES_VERSION"]
 
-ATTRIBUTES_VERSION = 1
 _DETAIL_WEIGHTS = {"full": 0.4, "medium": 0.35, "vague": 0.25}
 
 
@@ -133,7 +133,7 @@ def load_attributes(dataset_dir: str | os.PathLike) -> dict:
     path = Path(dataset_dir) / "attributes.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; generate the dataset with "
-                                f"`python -m datasets.synthpedes {Path(dataset_dir)}`")
+                                f"`python -m offline.synthpedes {Path(dataset_dir)}`")
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     if data.get("version") != ATTRIBUTES_VERSION:
@@ -143,7 +143,7 @@ def load_attributes(dataset_dir: str | os.PathLike) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m datasets.synthpedes",
+    parser = argparse.ArgumentParser(prog="python -m offline.synthpedes",
                                      description="Generate a SynthPEDES dataset (CUHK-PEDES format).")
     parser.add_argument("out_dir", help="output folder, e.g. data/SynthPEDES")
     parser.add_argument("--num-ids", type=int, default=60)

@@ -1,4 +1,4 @@
-"""A simulated MLLM that answers ICL's prompts from SynthPEDES's attribute sidecar.
+"""A simulated MLLM that answers ICL's prompts from SynthPEDES's attribute table.
 
 It recognises the template of each request (T_LOC, T_VQA, T_AGGR, T_DEC, T_RWT) and answers
 from the image's known attributes (localization, VQA) or from the text (aggregation,
@@ -24,10 +24,13 @@ import os
 import random
 import re
 import string
-from typing import Optional
+from typing import Mapping, Optional
 
-from .base import BaseClient, MLLMError, Request
-from .prompts import T_AGGR, T_DEC, T_LOC, T_RWT, T_VQA
+from utils.mllm.base import BaseClient, MLLMError, Request
+from utils.mllm.prompts import T_AGGR, T_DEC, T_LOC, T_RWT, T_VQA
+
+from .synth_schema import ATTRIBUTES_VERSION, QUESTION_ATTRIBUTES, SCHEMA
+from .synth_text import answer_sentence, parse_caption
 
 NEUTRAL_ANSWER = "I'm sorry, I cannot answer that."
 AGGREGATIONS = ("keep", "concise")
@@ -35,7 +38,7 @@ AGGREGATIONS = ("keep", "concise")
 # Per-stage error profiles: (localization Yes on teacher-Yes pairs, Yes on teacher-No pairs,
 # VQA accuracy, aggregation faithfulness). "oracle": never errs (an upper bound).
 # "tiny-qwen2vl": MEASURED, the greedy answers of the tiny Qwen2-VL fine-tuned on this simulated
-# MLLM's answers (utils/mllm/tiny_icl.py's doc: 64 prompts per kind on the CI fixtures' test
+# MLLM's answers (offline/tiny_icl.py's doc: 64 prompts per kind on the CI fixtures' test
 # split; Yes on 70% of the teacher's Yes and 20% of its No pairs, VQA 100%, aggregation 97%).
 # "untuned-tiny-qwen2vl": MEASURED, the same tiny Qwen2-VL before its tuning (random weights),
 # which never answers Yes (tiny_icl.py's doc): no anchor, so THI changes nothing; its VQA and
@@ -132,11 +135,34 @@ def _upper_first(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
+def _read_table(attributes) -> tuple[dict, Optional[str], bytes]:
+    """(table, path of its file or None, its bytes) of ``attributes``: a path (see
+    :class:`SimulatedClient`) or the table itself."""
+    if isinstance(attributes, Mapping):
+        return dict(attributes), None, json.dumps(attributes, sort_keys=True).encode()
+    path = os.fspath(attributes)
+    if os.path.isdir(path):
+        path = os.path.join(path, ATTRIBUTES_FILE)
+    if not os.path.isfile(path):
+        raise MLLMError(f"SynthPEDES attribute sidecar not found: {path!r} (option attributes); "
+                        f"generate the dataset with `python -m offline.synthpedes OUT_DIR`")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        table = json.loads(raw)
+    except ValueError as exc:
+        raise MLLMError(f"{path}: not a SynthPEDES attributes file ({exc})") from exc
+    return table, os.path.abspath(path), raw
+
+
 class SimulatedClient(BaseClient):
     """MLLM stand-in backed by SynthPEDES attributes.
 
-    ``attributes``: path of ``attributes.json`` or of the dataset folder holding it (with
-    ``imgs/``). ``error_rate``: probability of a wrong answer per localization / VQA /
+    ``attributes``: the attribute table (a mapping like the sidecar's content: ``version``,
+    ``images`` = {path under imgs/: {attribute: value}}, optional ``schema``), or the path of
+    ``attributes.json`` or of the dataset folder holding it (with ``imgs/``). ``images_dir``:
+    the folder the table's image keys are relative to (default: ``imgs/`` beside the file; for
+    a table, images are then matched by their path after ``/imgs/``). ``error_rate``: probability of a wrong answer per localization / VQA /
     aggregation request. ``rewrites_style``: how line lists (decomposition, rewriting) are
     formatted: "lines" (one per line), "numbered" ("1. ..."), "chatty" (a preamble and bullets,
     like a talkative model; the parsers must cope).
@@ -146,16 +172,14 @@ class SimulatedClient(BaseClient):
 
     def __init__(self, attributes, error_rate: float = 0.0, seed: int = 0, cache_dir=None,
                  rewrites_style: str = "lines", max_batch: "Optional[int] | str" = "auto",
-                 retry_unusable: bool = True, profile=None, aggregation: str = "keep",
-                 text_length: int = 77, **image_options):
+                 retry_unusable: bool = True, images_dir=None, profile=None,
+                 aggregation: str = "keep", text_length: int = 77, **image_options):
         super().__init__(cache_dir=cache_dir, max_batch=max_batch, retry_unusable=retry_unusable,
                          **image_options)
         if not 0.0 <= float(error_rate) <= 1.0:
             raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
         if rewrites_style not in REWRITE_STYLES:
             raise ValueError(f"rewrites_style must be one of {REWRITE_STYLES}, got {rewrites_style!r}")
-        from datasets import synthpedes  # the simulated MLLM is defined by SynthPEDES's text
-        self._synth = synthpedes
         self.error_rate = float(error_rate)
         self.seed = int(seed)
         self.rewrites_style = rewrites_style
@@ -165,26 +189,22 @@ class SimulatedClient(BaseClient):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         self.aggregation, self.text_length = aggregation, int(text_length)
-        path = os.fspath(attributes)
-        if os.path.isdir(path):
-            path = os.path.join(path, ATTRIBUTES_FILE)
-        if not os.path.isfile(path):
-            raise MLLMError(f"SynthPEDES attribute sidecar not found: {path!r} (option attributes); "
-                            f"generate the dataset with `python -m datasets.synthpedes OUT_DIR`")
-        with open(path, "rb") as f:
-            raw = f.read()
+        data, path, raw = _read_table(attributes)
+        where = path or "the attribute table"
         try:
-            data = json.loads(raw)
             images = data["images"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise MLLMError(f"{path}: not a SynthPEDES attributes file ({exc})") from exc
-        if data.get("version") != getattr(synthpedes, "ATTRIBUTES_VERSION", 1):
-            raise MLLMError(f"{path}: attributes version {data.get('version')!r} is not the one "
+        except (KeyError, TypeError) as exc:
+            raise MLLMError(f"{where}: not a SynthPEDES attributes file ({exc})") from exc
+        if data.get("version") != ATTRIBUTES_VERSION:
+            raise MLLMError(f"{where}: attributes version {data.get('version')!r} is not the one "
                             f"this code reads; regenerate the dataset")
-        self.attributes_path = os.path.abspath(path)
+        self.attributes_path = path or "an attribute table"
         self.images: dict = images
-        self.schema = {k: tuple(v) for k, v in (data.get("schema") or synthpedes.SCHEMA).items()}
-        self.imgs_dir = os.path.join(os.path.dirname(self.attributes_path), "imgs")
+        self.schema = {k: tuple(v) for k, v in (data.get("schema") or SCHEMA).items()}
+        if images_dir is not None:
+            self.imgs_dir = os.path.abspath(os.fspath(images_dir))
+        else:
+            self.imgs_dir = os.path.join(os.path.dirname(path), "imgs") if path else None
         self._sidecar_digest = hashlib.sha256(raw).hexdigest()[:16]
         self.stats.update({"flipped": 0, "hallucinated": 0, "unrecognised": 0,
                            "loc": 0, "vqa": 0, "aggr": 0, "dec": 0, "rwt": 0})
@@ -216,8 +236,11 @@ class SimulatedClient(BaseClient):
                             f"dataset's imgs/ folder ({self.imgs_dir}); pass a path, not a "
                             f"{type(image).__name__}")
         path = os.path.abspath(os.fspath(image))
-        rel = os.path.relpath(path, self.imgs_dir).replace(os.sep, "/")
-        if rel.startswith("../"):
+        if self.imgs_dir is None:
+            rel = path.replace(os.sep, "/")
+        else:
+            rel = os.path.relpath(path, self.imgs_dir).replace(os.sep, "/")
+        if self.imgs_dir is None or rel.startswith("../"):
             norm = path.replace(os.sep, "/")  # the same dataset copied elsewhere
             rel = norm.rsplit("/imgs/", 1)[1] if "/imgs/" in norm else rel
         return rel
@@ -257,7 +280,7 @@ class SimulatedClient(BaseClient):
 
     def _loc(self, request: Request, caption: str) -> str:
         attrs = self._attrs(request, "localization")
-        said = self._synth.parse_caption(caption)
+        said = parse_caption(caption)
         match = bool(said) and all(attrs.get(k) == v for k, v in said.items())
         if self.profile is not None:
             p = self.profile["loc_yes_true" if match else "loc_yes_false"]
@@ -277,12 +300,12 @@ class SimulatedClient(BaseClient):
         if rng.random() < wrong:
             attrs = self._hallucinate(attrs, rng)
             self.stats["hallucinated"] += 1
-        return "\n".join(f"{i + 1}. {self._synth.answer_sentence(i, attrs)}"
-                         for i in range(len(self._synth.QUESTION_ATTRIBUTES)))
+        return "\n".join(f"{i + 1}. {answer_sentence(i, attrs)}"
+                         for i in range(len(QUESTION_ATTRIBUTES)))
 
     def _hallucinate(self, attrs: dict, rng: random.Random) -> dict:
         """``attrs`` with one attribute a VQA question asks about set to another valid value."""
-        groups = self._synth.QUESTION_ATTRIBUTES
+        groups = QUESTION_ATTRIBUTES
         candidates = [a for g in groups for a in g
                       if not (a == "bag_color" and attrs.get("bag") == "none")]
         attr = rng.choice(candidates)
@@ -303,7 +326,7 @@ class SimulatedClient(BaseClient):
         if not isinstance(items, list) or not items or not all(isinstance(s, str) for s in items):
             self.stats["unrecognised"] += 1
             return NEUTRAL_ANSWER
-        parse = self._synth.parse_caption
+        parse = parse_caption
         caption, rest = items[0].strip(), items[1:]
         known = dict(parse(caption))
         pron = {"male": "He", "female": "She"}.get(known.get("gender", ""), "The person")
@@ -350,7 +373,7 @@ class SimulatedClient(BaseClient):
 
     def _hallucinate_text(self, text: str, rng: random.Random) -> str:
         """``text`` with one stated attribute value replaced by another (checked by parsing)."""
-        parse = self._synth.parse_caption
+        parse = parse_caption
         said = parse(text)
         options = [(k, v) for k, v in sorted(said.items()) if v not in ("none", "yes", "plain")]
         rng.shuffle(options)
@@ -367,7 +390,7 @@ class SimulatedClient(BaseClient):
         return text
 
     def _dec(self, request: Request, text: str) -> str:
-        said = self._synth.parse_caption(text)
+        said = parse_caption(text)
         lines = self.group_sentences(said)
         if not lines:
             lines = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
@@ -433,7 +456,7 @@ class SimulatedClient(BaseClient):
 
     def paraphrases(self, sentence: str, m: int, rng: random.Random) -> list[str]:
         """``m`` distinct rewrites of ``sentence`` that parse to the same attributes."""
-        parse = self._synth.parse_caption
+        parse = parse_caption
         target = parse(sentence)
         base = sentence if sentence.endswith((".", "!", "?")) else sentence + "."
         swapped = {base}

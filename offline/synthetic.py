@@ -1,7 +1,7 @@
 """A model-free retrieval similarity on SynthPEDES, for tests, benchmarks and demos without a run.
 
 The similarity of a text to an image is a scale times the fraction of the attributes the
-text states (read with ``datasets.synthpedes.parse_caption``) that the image has, plus Gaussian
+text states (read with ``offline.synthpedes.parse_caption``) that the image has, plus Gaussian
 noise over the gallery seeded by (seed, text), so a text always gets the same scores. Vague
 captions tie many images and the noise breaks the ties wrongly, so the base ranking is
 imperfect; a refined query that states more attributes of the anchor image narrows the ranking,
@@ -35,14 +35,14 @@ class AttributeSimilarity:
 
     def __init__(self, attributes: str, image_paths: Sequence[str], scale: float = 0.45,
                  noise: float = 0.1, seed: int = 0):
-        from datasets.synthpedes import parse_caption
+        from offline.synth_text import parse_caption
 
         path = os.fspath(attributes)
         if os.path.isdir(path):
             path = os.path.join(path, "attributes.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: SynthPEDES attributes.json not found (generate the "
-                                    f"dataset with `python -m datasets.synthpedes OUT_DIR`)")
+                                    f"dataset with `python -m offline.synthpedes OUT_DIR`)")
         with open(path, encoding="utf-8") as f:
             images = json.load(f)["images"]
         try:

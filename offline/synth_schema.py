@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import random
 
+# Format version of the attribute sidecar (attributes.json) that SynthPEDES writes and the
+# simulated MLLM reads.
+ATTRIBUTES_VERSION = 1
+
 # Garment palette (RGB); far enough apart that a pixel's nearest palette colour is its name
 # even after the renderer's brightness jitter, noise and blur.
 COLORS: dict[str, tuple[int, int, int]] = {

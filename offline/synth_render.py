@@ -57,7 +57,7 @@ def _draw_background(d: ImageDraw.ImageDraw, kind: str, w: int, h: int, rng: ran
     if kind == "street":
         horizon = int(h * rng.uniform(0.55, 0.7))
         d.rectangle([0, 0, w, horizon], fill=j((170, 160, 150)))
-        for k in range(rng.randint(2, 4)):           # windows of the buildings behind
+        for _ in range(rng.randint(2, 4)):           # windows of the buildings behind
             x0 = rng.randint(0, w - 12)
             y0 = rng.randint(4, max(5, horizon - 30))
             d.rectangle([x0, y0, x0 + 10, y0 + 14], fill=j((90, 100, 120)))

@@ -6,7 +6,7 @@ the weights are random (about 440k parameters). The folder loads in transformers
 (``AutoProcessor`` + ``Qwen2VLForConditionalGeneration``), in ``vllm.LLM`` and in both
 ``transformers serve`` and ``vllm serve``.
 
-    python -m utils.mllm.tiny_qwen2vl OUT [--lora LORA_DIR] [--dtype float32|bfloat16] [--seed 0]
+    python -m offline.tiny_qwen2vl OUT [--lora LORA_DIR] [--dtype float32|bfloat16] [--seed 0]
 
 The saved tokenizer config names ``TokenizersBackend``, so it needs transformers 5.x (both the
 main venv and ``.venv-vllm`` have it).
