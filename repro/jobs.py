@@ -172,7 +172,10 @@ class Runner:
             self.seen[job.done_file] = job
             new.append(job)
             if self.dry_run:
-                state = "cached" if job.done() else f"~{_fmt(job.seconds)}"
+                try:
+                    state = "cached" if job.done() else f"~{_fmt(job.seconds)}"
+                except StaleResult as exc:  # the real run stops there; a dry run lists it
+                    state = f"stale: {exc}"
                 self.log(f"  [{state}] {job.label}\n      {job.text()}")
                 continue
             if job.done():
