@@ -267,4 +267,9 @@ def _fmt(seconds: float) -> str:
 
 def total(jobs: Sequence[Job]) -> float:
     """Expected seconds of the jobs not yet done."""
-    return sum(j.seconds for j in jobs if not j.done())
+    def pending(j):
+        try:
+            return not j.done()
+        except StaleResult:  # would be redone once its folder is removed
+            return True
+    return sum(j.seconds for j in jobs if pending(j))
