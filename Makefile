@@ -69,4 +69,4 @@ clean-demo:
 # The mini paper: every table and figure of `python -m repro` on SynthPEDES, written to docs/results/
 .PHONY: reproduce-mini
 reproduce-mini: venv
-	$(PY) -m repro all --world mini --out docs/results
+	$(PY) -m repro all --world mini --out docs/results --jobs 2

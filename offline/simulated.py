@@ -5,6 +5,15 @@ from the image's known attributes (localization, VQA) or from the text (aggregat
 decomposition, rewriting), so THI and RDA run end to end on a laptop. A configurable error
 rate makes it wrong on purpose (a flipped Yes/No, a hallucinated attribute value), drawn
 deterministically from (seed, request content): answers do not depend on batch order or size.
+
+Error profiles (``profile``) replace the one error rate by a per-stage confusion, so that THI is
+scored with an MLLM that errs the way a measured one does: localization says Yes on a share of
+the pairs the attributes match (``loc_yes_true``) and of those they do not (``loc_yes_false``),
+VQA answers are right with ``vqa_accuracy`` (else one attribute is hallucinated), aggregation is
+faithful with ``aggr_faithful`` (else one stated value is swapped). ``PROFILES`` names the
+measured ones. ``aggregation``: "keep" (the caption plus every new answer, as before) or
+"concise" (what T_AGGR asks for: "continuous and concise" text, here the caption plus new facts
+while the whole stays within ``text_length`` CLIP tokens; no sentence is cut).
 """
 from __future__ import annotations
 
@@ -24,6 +33,45 @@ from .synth_schema import ATTRIBUTES_VERSION, QUESTION_ATTRIBUTES, SCHEMA
 from .synth_text import answer_sentence, parse_caption
 
 NEUTRAL_ANSWER = "I'm sorry, I cannot answer that."
+AGGREGATIONS = ("keep", "concise")
+
+# Per-stage error profiles: (localization Yes on teacher-Yes pairs, Yes on teacher-No pairs,
+# VQA accuracy, aggregation faithfulness). "oracle": never errs (an upper bound).
+# "tiny-qwen2vl": MEASURED, the greedy answers of the tiny Qwen2-VL fine-tuned on this simulated
+# MLLM's answers (offline/tiny_icl.py's doc: 64 prompts per kind on the CI fixtures' test
+# split; Yes on 70% of the teacher's Yes and 20% of its No pairs, VQA 100%, aggregation 97%).
+# "untuned-tiny-qwen2vl": MEASURED, the same tiny Qwen2-VL before its tuning (random weights),
+# which never answers Yes (tiny_icl.py's doc): no anchor, so THI changes nothing; its VQA and
+# aggregation are never reached (set to 0 and 0).
+PROFILES = {
+    "oracle": {"loc_yes_true": 1.0, "loc_yes_false": 0.0, "vqa_accuracy": 1.0, "aggr_faithful": 1.0},
+    "tiny-qwen2vl": {"loc_yes_true": 0.70, "loc_yes_false": 0.20, "vqa_accuracy": 1.0,
+                     "aggr_faithful": 0.97},
+    "untuned-tiny-qwen2vl": {"loc_yes_true": 0.0, "loc_yes_false": 0.0, "vqa_accuracy": 0.0,
+                             "aggr_faithful": 0.0},
+}
+PROFILE_KEYS = ("loc_yes_true", "loc_yes_false", "vqa_accuracy", "aggr_faithful")
+
+
+def resolve_profile(profile) -> "Optional[dict]":
+    """A profile name of ``PROFILES``, a dict, or "k=v,k=v" -> the four rates (None: none)."""
+    if profile in (None, ""):
+        return None
+    if isinstance(profile, str):
+        if profile in PROFILES:
+            return dict(PROFILES[profile])
+        if "=" not in profile:
+            raise ValueError(f"unknown MLLM error profile {profile!r}; named ones: "
+                             f"{sorted(PROFILES)}, or k=v pairs of {PROFILE_KEYS}")
+        profile = dict(kv.split("=", 1) for kv in profile.split(","))
+    out = {k: float(profile[k]) for k in PROFILE_KEYS if k in profile}
+    unknown = set(profile) - set(PROFILE_KEYS)
+    if unknown or len(out) != len(PROFILE_KEYS):
+        raise ValueError(f"an MLLM error profile needs exactly {PROFILE_KEYS}, got {sorted(profile)}")
+    bad = {k: v for k, v in out.items() if not 0.0 <= v <= 1.0}
+    if bad:
+        raise ValueError(f"MLLM error profile rates must be in [0, 1]: {bad}")
+    return out
 REWRITE_STYLES = ("lines", "numbered", "chatty")
 ATTRIBUTES_FILE = "attributes.json"
 
@@ -124,7 +172,8 @@ class SimulatedClient(BaseClient):
 
     def __init__(self, attributes, error_rate: float = 0.0, seed: int = 0, cache_dir=None,
                  rewrites_style: str = "lines", max_batch: "Optional[int] | str" = "auto",
-                 retry_unusable: bool = True, images_dir=None, **image_options):
+                 retry_unusable: bool = True, images_dir=None, profile=None,
+                 aggregation: str = "keep", text_length: int = 77, **image_options):
         super().__init__(cache_dir=cache_dir, max_batch=max_batch, retry_unusable=retry_unusable,
                          **image_options)
         if not 0.0 <= float(error_rate) <= 1.0:
@@ -134,6 +183,12 @@ class SimulatedClient(BaseClient):
         self.error_rate = float(error_rate)
         self.seed = int(seed)
         self.rewrites_style = rewrites_style
+        self.profile = resolve_profile(profile)
+        if self.profile is not None and self.error_rate:
+            raise ValueError("give the simulated MLLM an error rate or an error profile, not both")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        self.aggregation, self.text_length = aggregation, int(text_length)
         data, path, raw = _read_table(attributes)
         where = path or "the attribute table"
         try:
@@ -156,8 +211,13 @@ class SimulatedClient(BaseClient):
 
     def identity_info(self) -> dict:
         # the sidecar's content, not its path: a copy of the dataset elsewhere answers the same
-        return {"backend": self.backend, "attributes_digest": self._sidecar_digest, "error_rate": self.error_rate,
-                "seed": self.seed, "style": self.rewrites_style}
+        info = {"backend": self.backend, "attributes_digest": self._sidecar_digest,
+                "error_rate": self.error_rate, "seed": self.seed, "style": self.rewrites_style}
+        if self.profile is not None:
+            info["profile"] = self.profile
+        if self.aggregation != "keep":
+            info["aggregation"], info["text_length"] = self.aggregation, self.text_length
+        return info
 
     def describe(self) -> str:
         return f"simulated MLLM on {self.attributes_path}"
@@ -222,6 +282,12 @@ class SimulatedClient(BaseClient):
         attrs = self._attrs(request, "localization")
         said = parse_caption(caption)
         match = bool(said) and all(attrs.get(k) == v for k, v in said.items())
+        if self.profile is not None:
+            p = self.profile["loc_yes_true" if match else "loc_yes_false"]
+            yes = self._rng("loc", request).random() < p
+            if yes != match:
+                self.stats["flipped"] += 1
+            return "Yes" if yes else "No"
         if self._rng("loc", request).random() < self.error_rate:
             match = not match
             self.stats["flipped"] += 1
@@ -230,7 +296,8 @@ class SimulatedClient(BaseClient):
     def _vqa(self, request: Request) -> str:
         attrs = dict(self._attrs(request, "VQA"))
         rng = self._rng("vqa", request)
-        if rng.random() < self.error_rate:
+        wrong = (1.0 - self.profile["vqa_accuracy"]) if self.profile is not None else self.error_rate
+        if rng.random() < wrong:
             attrs = self._hallucinate(attrs, rng)
             self.stats["hallucinated"] += 1
         return "\n".join(f"{i + 1}. {answer_sentence(i, attrs)}"
@@ -277,14 +344,32 @@ class SimulatedClient(BaseClient):
             added.append(s if s.endswith(".") else s + ".")
         if caption and not caption.endswith("."):
             caption += "."
+        if self.aggregation == "concise":
+            added = self._within_length(caption, added)
         out = " ".join([caption] + added).strip()
         rng = self._rng("aggr", request)
-        if rng.random() < self.error_rate:
+        wrong = (1.0 - self.profile["aggr_faithful"]) if self.profile is not None else self.error_rate
+        if rng.random() < wrong:
             changed = self._hallucinate_text(out, rng)
             if changed != out:
                 out = changed
                 self.stats["hallucinated"] += 1
         return out
+
+    def _within_length(self, caption: str, added: list) -> list:
+        """The new sentences, in order, while caption + them stays within the text length (CLIP
+        tokens, start and end tokens included); a sentence that does not fit is left out whole."""
+        from utils.tokenizer import get_tokenizer
+
+        tok = get_tokenizer()
+        budget = self.text_length - 2 - len(tok.encode(caption))
+        kept = []
+        for s in added:
+            n = len(tok.encode(" " + s))
+            if n <= budget:
+                kept.append(s)
+                budget -= n
+        return kept
 
     def _hallucinate_text(self, text: str, rng: random.Random) -> str:
         """``text`` with one stated attribute value replaced by another (checked by parsing)."""

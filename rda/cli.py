@@ -51,6 +51,13 @@ def _client_args(ap: argparse.ArgumentParser) -> None:
                                          "(default ROOT/DATASET/attributes.json)")
     ap.add_argument("--error-rate", type=float, default=0.0, help="simulated backend: error rate")
     ap.add_argument("--seed", type=int, default=0, help="simulated backend: error seed")
+    ap.add_argument("--mllm-profile", help="simulated backend: per-stage error profile (a name "
+                                           "or k=v pairs, see python -m thi --help)")
+    ap.add_argument("--aggregation", choices=("keep", "concise"), default="keep",
+                    help="simulated backend: aggregation keeps every new answer, or stays "
+                         "within --text-length CLIP tokens (the prompt's 'concise')")
+    ap.add_argument("--text-length", type=int, default=77,
+                    help="simulated backend, --aggregation concise: the token budget")
     ap.add_argument("--cache-dir", help="MLLM response cache (default: next to --out)")
 
 

@@ -6,10 +6,13 @@
         --lora /models/icl_lora --gpus 2 --dry-run               # commands + expected GPU time
 
 Sub-commands: table1 (CUHK/ICFG/RSTP, groups 1 and 2), table2 (UFine6926), table34
-(cross-domain), table5 (THI on other base models), table6 (ablation), rde_noise (0/0.2/0.5/0.8),
-fig3 (top-1 similarity histograms, xi), fig5 (lambda x xi), fig6 (per THI round), fig7 (top-10
-before/after THI), all; `preflight TABLES...` checks every input of those tables (repro/preflight.py).
-Run directories are the cache: a finished run is never recomputed.
+(cross-domain), table5 (THI on other base models), table6 (ablation), rda_modes (mini: RDA with
+both aggregation modes, token lengths), rde_noise (0/0.2/0.5/0.8), fig3 (top-1 similarity
+histograms, xi), fig5 (Rank@Avg over xi and over lambda), fig6 (per THI round), fig7 (top-10
+before/after THI), all. Mini world: every row runs with --seeds seeds; effects carry a 95%
+interval and a verdict. Run directories are the cache: a finished run is reused only when its
+resolved config is the same (its record beside the result says which config made it).
+The `preflight TABLES...` sub-command checks every input of those tables (repro/preflight.py).
 """
 from __future__ import annotations
 
@@ -20,14 +23,14 @@ import time
 from typing import Optional
 
 from utils.errors import cli_errors
+from utils.io import atomic_write_text
 
-from .worlds import MiniWorld, RealWorld, Unavailable
 from .figures import FIGURES
 from .jobs import Runner, _fmt
 from .tables import TABLES
-from utils.io import atomic_write_text
+from .worlds import MiniWorld, RealWorld, Unavailable
 
-SUBCOMMANDS = ("table1", "table2", "table34", "table5", "table6", "rde_noise",
+SUBCOMMANDS = ("table1", "table2", "table34", "table5", "table6", "rda_modes", "rde_noise",
                "fig3", "fig5", "fig6", "fig7")
 # The real world's plan also holds the step that makes THI's tuned MLLM (first: THI needs it).
 REAL_STEPS = ("sft",)
@@ -60,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     mini.add_argument("--scale", default="full", help="full, or a scale of the mini config (ci)")
     mini.add_argument("--train-config", help="training config (overrides the mini config's)")
     mini.add_argument("--pretrained", help="tiny CLIP checkpoint (overrides the mini config's)")
+    mini.add_argument("--seeds", type=int, help="seeds per row (default: the mini config's, 3; "
+                                                "its CI scale's, 1)")
+    ap.add_argument("--jobs", type=int, default=1, help="independent jobs run side by side, each "
+                    "in its own process with cores/jobs threads (default 1: one at a time)")
     real = ap.add_argument_group("real world")
     real.add_argument("--root", default="data", help="data root with the benchmarks")
     real.add_argument("--datasets", default="CUHK-PEDES,ICFG-PEDES,RSTPReid,UFine6926")
@@ -96,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 def make_world(args):
     if args.world == "mini":
         return MiniWorld.from_file(args.config, runs=args.runs, scale=args.scale,
-                                   train_config=args.train_config, pretrained=args.pretrained)
+                                   train_config=args.train_config, pretrained=args.pretrained,
+                                   seeds=args.seeds)
     mllm = ["--backend", args.backend]
     if args.backend == "openai":
         if not args.dry_run and not (args.base_url and args.served_model):
@@ -149,12 +157,27 @@ def main(argv: Optional[list] = None) -> int:
 
     world = make_world(args)
     out = args.out or ("docs/results" if args.world == "mini" else "results")
-    runner = Runner(dry_run=args.dry_run, in_process=args.world == "mini" and not args.subprocess)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+    runner = Runner(dry_run=args.dry_run, in_process=args.world == "mini" and not args.subprocess,
+                    jobs=args.jobs, logs=os.path.join(world.runs, "logs"))
     todo = ((REAL_STEPS if args.world == "real" else ()) + SUBCOMMANDS if args.what == "all"
             else (args.what,))
     funcs = {**TABLES, **FIGURES}
     summary = []
     skipped = []  # (step, rows or steps not run, the time they would take)
+    t_all = time.perf_counter()
+    if args.jobs > 1 and not args.dry_run:
+        # plan every sub-command first, then run all their jobs side by side; the sub-commands
+        # below then find every job done and only write their files
+        planner = Runner(dry_run=True, log=lambda _msg: None)
+        for name in todo:
+            try:
+                funcs[name](world, planner, out)
+            except Unavailable:
+                pass
+        print(f"[repro] {len(planner.seen)} jobs, {args.jobs} side by side")
+        runner.run(list(planner.seen.values()))
     for name in todo:
         t0 = time.perf_counter()
         try:
@@ -191,10 +214,19 @@ def main(argv: Optional[list] = None) -> int:
         print(f"basis: {basis}")
     elif args.what == "all":
         lines = ["# Time per sub-command", "", f"World {world.name}, scale "
-                 f"{getattr(world, 'scale_name', 'full')}; wall-clock seconds on this machine "
-                 "(jobs already done by an earlier sub-command are not counted again).", "",
+                 f"{getattr(world, 'scale_name', 'full')}, {len(world.seeds)} seed(s), --jobs "
+                 f"{args.jobs}; wall-clock seconds on this machine (jobs already done by an earlier "
+                 "sub-command, or run side by side before the sub-commands with --jobs > 1, are "
+                 "not counted again).", "",
                  "| sub-command | seconds |", "| --- | --- |"]
         lines += [f"| {n} | {s:.0f} |" for n, _, s in summary]
-        lines += [f"| total | {sum(s for _, _, s in summary):.0f} |"]
+        lines += [f"| total (wall, with --jobs {args.jobs}) | {time.perf_counter() - t_all:.0f} |"]
+        if runner.timings:
+            lines += ["", "## Jobs run (seconds each)", "", "| job | seconds |", "| --- | --- |"]
+            lines += [f"| {label} | {secs:.0f} |" for label, secs in runner.timings]
+            lines += [f"| sum | {sum(s for _, s in runner.timings):.0f} |"]
+        from .provenance import collect, provenance_footer_lines
+
+        lines += ["", *provenance_footer_lines(collect([], world))]
         atomic_write_text(os.path.join(out, "timing.md"), "\n".join(lines) + "\n")
     return 0

@@ -110,3 +110,67 @@ def maybe(fn, *args) -> Optional[dict]:
         return fn(*args)
     except FileNotFoundError:
         return None
+
+
+def eval_target(run_dir: str) -> str:
+    """The dataset a training run evaluated itself on (its config's dataset_name)."""
+    import yaml
+
+    with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
+        return str((yaml.safe_load(f) or {}).get("dataset_name"))
+
+
+def eval_per_query(run_dir: str, target: str) -> dict:
+    """Per-query R1..mINP values of ``run_dir/eval/target`` (``repro.stats.per_query``)."""
+    from .stats import per_query
+
+    ev = load_eval(run_dir, target)
+    return per_query(ev["similarity"], ev["q_pids"], ev["g_pids"])
+
+
+def thi_per_query(run_dir: str, target: str, thi_dir: str) -> dict:
+    """Per-query values after THI: its final similarity with the eval folder's identities."""
+    from .stats import per_query
+
+    folder = os.path.join(run_dir, "eval", target)
+    sim_path = os.path.join(thi_dir, "final_similarity.npy")
+    if not os.path.isfile(sim_path):
+        raise FileNotFoundError(f"{sim_path} is missing: run the THI job that writes it")
+    return per_query(np.load(sim_path), np.load(os.path.join(folder, "q_pids.npy")),
+                     np.load(os.path.join(folder, "g_pids.npy")))
+
+
+def token_lengths(rda_file: str, text_length: int = 77) -> dict:
+    """CLIP-token lengths (start and end tokens included) of the original captions and of the
+    RDA captions of an RDA annotation file: n, mean, median, p90, max, % over ``text_length``."""
+    from utils.tokenizer import get_tokenizer
+
+    import random
+
+    from datasets.bases import draw_rda_caption
+
+    data = _json(rda_file)
+    tok = get_tokenizer()
+    rng = random.Random(0)
+    orig, rda = [], []
+    for rec in data:
+        subs = rec.get("diversity_captions")
+        if subs is None:
+            continue
+        orig += list(rec["captions"])
+        rda += [draw_rda_caption(s, rng) for s in subs]  # as training draws one (seeded)
+
+    def summary(texts):
+        n = np.array([len(tok.encode(t)) + 2 for t in texts]) if texts else np.zeros(0)
+        if n.size == 0:
+            return {"n": 0, "mean": 0.0, "median": 0.0, "p90": 0.0, "max": 0, "over_pct": 0.0}
+        return {"n": int(n.size), "mean": float(n.mean()), "median": float(np.median(n)),
+                "p90": float(np.percentile(n, 90)), "max": int(n.max()),
+                "over_pct": float(100.0 * (n > text_length).mean())}
+
+    return {"original": summary(orig), "rda": summary(rda)}
+
+
+def thi_records(thi_dir: str) -> list:
+    """Every THI round's record (queries asked, new anchors, calls, metrics) from rounds.json."""
+    return list(_json(os.path.join(thi_dir, "rounds.json"))["rounds"])

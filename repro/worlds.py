@@ -20,7 +20,7 @@ from utils import run_dir as rd
 from thi import defaults as thi_defaults
 
 from . import results
-from .jobs import Job, Lazy, py
+from .jobs import Job, Lazy, digest, file_digest, py
 
 from datasets.noise import release_noise_name
 from utils.pre_checkpoints import PRE_CHECKPOINT_FILES, PRE_SOURCE, pre_checkpoint, pre_tag
@@ -33,6 +33,7 @@ METHODS = {
     "RDE": {"config": "rde", "overrides": []},
     "RDE-release": {"config": "rde", "overrides": []},   # RDE's released checkpoint (real world, --rde-weights)
     "ICL": {"config": "icl", "overrides": []},            # RDE + RDA (the RDA annotation file)
+    "ICL-keep": {"config": "icl", "overrides": []},       # mini: RDA from the "keep" aggregation
     "RDE-noCCD": {"config": "rde", "overrides": ["ccd=false"]},
     "CLIP": {"config": "rde", "overrides": ["loss_names=InfoNCE", "ccd=false"]},
     "IRRA": {"config": "rde", "overrides": ["loss_names=SDM", "ccd=false"]},
@@ -40,8 +41,13 @@ METHODS = {
 STEMS = {"CUHK-PEDES": "cuhk_pedes", "ICFG-PEDES": "icfg_pedes", "RSTPReid": "rstpreid",
          "UFine6926": "ufine6926"}
 PAPER_DATASETS = tuple(STEMS)
-# The paper's xi (Sec. 4.1): 0.5, and 0.55 with ICFG-PEDES as the target.
+# xi per target in the real world: the paper (Sec. 4.6) sets xi "in the range of 0.5-0.6"; the
+# values 0.5 and 0.55 (ICFG-PEDES) are those of the ICL release's run script, not the paper's.
 PAPER_XI = {"ICFG-PEDES": 0.55}
+XI_SOURCE = "the ICL release's run script (0.5; 0.55 for ICFG-PEDES); the paper says 0.5-0.6"
+# The MLLM of each THI row: "calibrated" (the tables' default), "oracle" (an upper bound),
+# "nolora" (Table 6 #2). The real world has the MLLM it is given (with or without --lora).
+MLLMS = ("calibrated", "oracle", "nolora")
 
 # Basis of the real world's time estimates. Training pairs: the length of the releases' noise
 # index files (QinYang79/RDE noiseindex/<dataset>_0.2.npy). Test queries: the IRRA test splits.
@@ -91,16 +97,19 @@ class World:
     noccd_rates: tuple = ()                    # rates with an RDE-without-CCD row (empty: all > 0)
     noccd_datasets: tuple = ()                 # datasets with an RDE-without-CCD row (empty: all)
 
-    def train(self, method: str, dataset: str, *, noise: float = 0.0, group: int = 1):
+    seeds: tuple = (0,)                        # training (and MLLM) seeds of every row
+
+    def train(self, method: str, dataset: str, *, noise: float = 0.0, group: int = 1, seed: int = 0):
         raise NotImplementedError
 
     def evaluate(self, run_dir: str, source: str, target: str):
         raise NotImplementedError
 
-    def thi(self, run_dir: str, target_name: str, target: str, *, lora: bool = True):
+    def thi(self, run_dir: str, target_name: str, target: str, *, lora: bool = True,
+            mllm: str = "calibrated", seed: int = 0):
         raise NotImplementedError
 
-    def sweep(self, run_dir: str, target_name: str, target: str):
+    def sweep(self, run_dir: str, target_name: str, target: str, *, curve: str = "grid"):
         raise NotImplementedError
 
     def paper_dataset(self, dataset: str) -> str:
@@ -120,18 +129,20 @@ class World:
         raise NotImplementedError
 
     def model(self, method: str, dataset: str, target: Optional[str] = None, *,
-              noise: float = 0.0, group: int = 1):
+              noise: float = 0.0, group: int = 1, seed: int = 0):
         """Train (or reuse) and evaluate on ``target``: (eval run dir, eval target name, jobs)."""
-        run, jobs = self.train(method, dataset, noise=noise, group=group)
+        run, jobs = self.train(method, dataset, noise=noise, group=group, seed=seed)
         erun, tname, ejobs = self.evaluate(run, dataset, target or dataset)
         return erun, tname, jobs + ejobs
 
     def _noise_and_rda(self, method: str, dataset: str, noise: float, jobs: list) -> list:
         """The training overrides for a noise rate and, for ICL, the RDA annotation file (whose
-        generation jobs, if any, are appended to ``jobs``)."""
+        generation jobs, if any, are appended to ``jobs``). ``ICL-keep``: ICL with the RDA file
+        of the other aggregation mode (mini world)."""
         over = [f"noisy_rate={_n(noise)}", *self.noise_overrides(dataset, noise)] if noise else []
-        if method == "ICL":
-            rda, rjobs = self.rda_file(dataset)
+        if method.startswith("ICL"):
+            rda, rjobs = (self.rda_file(dataset, aggregation=method.split("-", 1)[1])
+                          if "-" in method else self.rda_file(dataset))
             jobs += rjobs
             over.append(f"anno_file={rda}")
         return over
@@ -182,7 +193,9 @@ class RealWorld(World):
         # The release's permutation (noiseindex/<dataset>_<rate>.npy, as its run_rde.sh names it).
         return [f"noisy_file={os.path.join(self.noise_dir, release_noise_name(dataset, noise))}"]
 
-    def rda_file(self, dataset: str) -> tuple:
+    def rda_file(self, dataset: str, aggregation: Optional[str] = None) -> tuple:
+        if aggregation is not None:
+            raise Unavailable("the aggregation mode is the MLLM's own in the real world")
         if dataset in self.rda_files:
             return self.rda_files[dataset], []
         out = os.path.join(self.runs, "rda", f"{dataset}.rda.json")
@@ -194,7 +207,7 @@ class RealWorld(World):
                         "rewrites) / 4 requests/s (assumed)")
         return out, [job]
 
-    def train(self, method, dataset, *, noise=0.0, group=1):
+    def train(self, method, dataset, *, noise=0.0, group=1, seed=0):
         released = {"IRRA": ("IRRA", self.irra_weights), "RDE-release": ("RDE", self.rde_weights)}
         if method in released:
             who, weights = released[method]
@@ -303,7 +316,10 @@ class RealWorld(World):
                         seconds=SFT_HOURS_TWO_GPUS * 3600 * 2 / max(self.gpus, 1), basis=SFT_BASIS, env=env))
         return adapter, jobs
 
-    def thi(self, run_dir, target_name, target, *, lora=True):
+    def thi(self, run_dir, target_name, target, *, lora=True, mllm="calibrated", seed=0):
+        if mllm == "oracle":
+            raise Unavailable("the real world has no oracle MLLM (the mini world's upper bound)")
+        lora = lora and mllm != "nolora"
         suffix = "" if lora else "_nolora"
         out = rd.thi_dir(run_dir, target_name, rd.BEST, "paper" + suffix)
         args = list(self.mllm_args)
@@ -325,7 +341,7 @@ class RealWorld(World):
                                 argv, os.path.join(out, rd.THI_COST), seconds=self._thi_seconds(target),
                                 basis=REAL_BASIS)]
 
-    def sweep(self, run_dir, target_name, target):
+    def sweep(self, run_dir, target_name, target, *, curve="grid"):
         out = rd.thi_dir(run_dir, target_name, rd.BEST, "sweep")
         try:
             flags, tjobs = self.tuned_mllm()
@@ -344,13 +360,20 @@ class RealWorld(World):
 
 
 class MiniWorld(World):
-    """SynthPEDES domains standing in for the paper's datasets (``configs/repro_mini.yaml``)."""
+    """SynthPEDES domains standing in for the paper's datasets (``configs/repro_mini.yaml``).
+
+    Every row runs once per seed (``seeds``: the training seed and the simulated MLLM's seed) on
+    the same data. Run folders are ``RUNS/s<seed>/<name>-<identity>``: the identity is a digest
+    of the resolved training command, the training config's content, the backbone and the
+    domain, so a run made with another configuration (another scale, --train-config, ...) is
+    never taken for this one."""
 
     name = "mini"
     time_unit = "CPU"
 
     def __init__(self, cfg: dict, *, runs: Optional[str] = None, scale: str = "full",
-                 train_config: Optional[str] = None, pretrained: Optional[str] = None):
+                 train_config: Optional[str] = None, pretrained: Optional[str] = None,
+                 seeds: Optional[int] = None):
         self.cfg = cfg
         self.scale_name = scale
         sc = (cfg.get("scales") or {}).get(scale, {}) if scale != "full" else {}
@@ -365,6 +388,10 @@ class MiniWorld(World):
         self.cfg = cfg
         self.train_config = train_config or cfg["train_config"]
         self.pretrained = pretrained or cfg["pretrained"]
+        n_seeds = int(seeds if seeds is not None else sc.get("seeds", cfg.get("seeds", 1)))
+        if n_seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {n_seeds}")
+        self.seeds = tuple(range(n_seeds))
         self.domains = {}
         for ds, dom in cfg["domains"].items():
             if ds not in STEMS:
@@ -377,8 +404,11 @@ class MiniWorld(World):
         thi = {**cfg.get("thi", {}), **sc.get("thi", {})}
         self.xi, self.lam = thi.get("xi", "auto"), float(thi.get("lam", thi_defaults.LAMBDA))
         self.rounds = int(thi.get("rounds", thi_defaults.ROUNDS))
-        self.error_rate, self.mllm_seed = float(thi.get("error_rate", 0.0)), int(thi.get("seed", 0))
-        self.nolora_error_rate = float(cfg.get("thi_nolora", {}).get("error_rate", 0.3))
+        self.profiles = {"calibrated": "tiny-qwen2vl", "oracle": "oracle",
+                         "nolora": "untuned-tiny-qwen2vl", **(cfg.get("mllm_profiles") or {})}
+        rda = cfg.get("rda", {})
+        self.rda_aggregation = rda.get("aggregation", "concise")
+        self.rda_rewrites = int(rda.get("rewrites", 3))
         self.secs = cfg.get("cpu_seconds", {})
         self.noise_rates = tuple(sc.get("noise_rates", cfg.get("noise_rates", self.noise_rates)))
         self.noise_datasets = tuple(cfg.get("noise_datasets") or ())
@@ -418,24 +448,40 @@ class MiniWorld(World):
                 f"queries x {s.get('per_thi_query', 0.0):g} s per round, measured on the 2-core "
                 f"session machine ({s.get('measured', 'not measured yet')})")
 
+    # identities -------------------------------------------------------------------------------
+    def backbone_identity(self) -> str:
+        """The tiny CLIP: the command that writes it, or the file's content."""
+        cmd = self.cfg.get("pretrain_command")
+        if cmd:
+            return "command:" + cmd
+        return "file:" + (file_digest(self.pretrained) if os.path.isfile(self.pretrained) else self.pretrained)
+
+    def _domain_identity(self, dataset: str) -> str:
+        return digest(self.domains[dataset])
+
+    def _config_identity(self) -> str:
+        return file_digest(self.train_config) if os.path.isfile(self.train_config) else self.train_config
+
     def prepare(self, dataset: str) -> list:
         """Jobs that write the domain's SynthPEDES folder and the pre-trained tiny CLIP."""
         d = self.domains[dataset]
         folder = os.path.join(d["root"], "SynthPEDES")
-        jobs = [Job(f"generate the {dataset} domain (SynthPEDES, seed {d.get('seed', 0)})",
-                    py("-m", "offline.synthpedes", folder, "--num-ids", str(d["num_ids"]),
-                       "--images-per-id", str(d.get("images_per_id", 2)),
-                       "--captions-per-image", str(d.get("captions_per_image", 2)),
-                       "--seed", str(d.get("seed", 0))),
+        argv = py("-m", "offline.synthpedes", folder, "--num-ids", str(d["num_ids"]),
+                  "--images-per-id", str(d.get("images_per_id", 2)),
+                  "--captions-per-image", str(d.get("captions_per_image", 2)),
+                  "--seed", str(d.get("seed", 0)))
+        jobs = [Job(f"generate the {dataset} domain (SynthPEDES, seed {d.get('seed', 0)})", argv,
                     os.path.join(folder, "reid_raw.json"), seconds=d["num_ids"] * 0.02,
-                    basis=self.basis())]
+                    # identity: the generator's parameters (not the module path, which may move)
+                    basis=self.basis(), identity=digest("data", argv[4:]), run_dir=folder)]
         cmd = self.cfg.get("pretrain_command")
         if cmd:
             argv = [a.replace("{out}", self.pretrained) for a in shlex.split(cmd)]
             if argv and argv[0] == "python":
                 argv = py(*argv[1:])
             jobs.append(Job("pre-train the tiny CLIP", argv, self.pretrained,
-                            seconds=float(self.secs.get("pretrain", 0.0)), basis=self.basis()))
+                            seconds=float(self.secs.get("pretrain", 0.0)), basis=self.basis(),
+                            identity=digest("backbone", cmd), run_dir=self.pretrained))
         elif not os.path.isfile(self.pretrained):
             raise Unavailable(f"no tiny CLIP checkpoint at {self.pretrained}: set pretrain_command "
                               f"in the mini config or pass --pretrained")
@@ -445,23 +491,25 @@ class MiniWorld(World):
         # SynthPEDES domains have no released permutation: drawn from the run's seed (not saved).
         return ["noise_draw=true"]
 
-    def rda_file(self, dataset: str) -> tuple:
-        out = os.path.join(self.runs, "rda", f"{STEMS[dataset]}.rda.json")
-        job = Job(f"RDA generation ({dataset} domain, simulated MLLM)",
-                  py("-m", "rda", "generate", "--dataset", "SynthPEDES", "--root",
-                     self.root(dataset), "--out", out, "--backend", "simulated",
-                     "--rewrites", str(self.cfg.get("rda", {}).get("rewrites", 3)), "--no-progress"),
+    def rda_file(self, dataset: str, aggregation: Optional[str] = None) -> tuple:
+        aggregation = aggregation or self.rda_aggregation
+        args = ["-m", "rda", "generate", "--dataset", "SynthPEDES", "--root", self.root(dataset),
+                "--backend", "simulated", "--aggregation", aggregation,
+                "--rewrites", str(self.rda_rewrites), "--no-progress"]
+        ident = digest("rda", args, self._domain_identity(dataset))
+        out = os.path.join(self.runs, "rda", f"{STEMS[dataset]}_{aggregation}-{ident}.rda.json")
+        job = Job(f"RDA generation ({dataset} domain, simulated MLLM, {aggregation} aggregation)",
+                  py(*args[:-1], "--out", out, "--no-progress"),
                   out, seconds=self._pairs(dataset) * float(self.secs.get("per_rda_pair", 0.0)),
-                  basis=self.basis())
-        return out, [job]
+                  basis=self.basis(), identity=ident, run_dir=out)
+        return out, self.prepare(dataset) + [job]
 
-    def train(self, method, dataset, *, noise=0.0, group=1):
+    def train(self, method, dataset, *, noise=0.0, group=1, seed=0):
         spec = METHODS[method]
         jobs = self.prepare(dataset)
         name = self.run_name(method, dataset, noise, group)
-        run = os.path.join(self.runs, name)
         over = [f"root_dir={self.root(dataset)}", "dataset_name=SynthPEDES",
-                f"pretrain_choice={self.pretrained}", f"name={name}", "resume=true",
+                f"pretrain_choice={self.pretrained}", "resume=true", f"seed={seed}",
                 *self.cfg.get("train_overrides", []), *spec["overrides"],
                 *self.scale.get("train", [])]
         over += self._noise_and_rda(method, dataset, noise, jobs)
@@ -470,14 +518,24 @@ class MiniWorld(World):
             if not src or src not in self.domains:
                 raise Unavailable(f"group 2 (+pre) on {dataset}: set group2_init.{dataset} in the "
                                   f"mini config to another domain")
-            pre_run, pjobs = self.train("RDE", src)
+            pre_run, pjobs = self.train("RDE", src, seed=seed)
             jobs += pjobs
             over.append(f"init_checkpoint={rd.checkpoint_path(pre_run, rd.BEST)}")
-        argv = py("train.py", "--config", self.train_config, "--run-dir", run, "--no-progress", *over)
+        ident = digest("train", self.train_config, self._config_identity(), self.backbone_identity(),
+                       self._domain_identity(dataset), over)
+        run = os.path.join(self.runs, f"s{seed}", f"{name}-{ident}")
+        argv = py("train.py", "--config", self.train_config, "--run-dir", run, "--no-progress",
+                  f"name={name}", *over)
         secs = self._pairs(dataset) * self._epochs() * float(self.secs.get("per_pair_epoch", 0.0))
-        jobs.append(Job(f"train {name}", argv, rd.eval_file(run, "SynthPEDES"),
-                        seconds=secs, basis=self.basis()))
+        jobs.append(Job(f"train {name} (seed {seed})", argv,
+                        rd.eval_file(run, "SynthPEDES"),
+                        seconds=secs, basis=self.basis(), identity=ident, seed=seed, run_dir=run))
         return run, jobs
+
+    @staticmethod
+    def seed_of(run_dir: str) -> int:
+        part = os.path.basename(os.path.dirname(run_dir.split("__on_")[0]))
+        return int(part[1:]) if part.startswith("s") and part[1:].isdigit() else 0
 
     def evaluate(self, run_dir, source, target):
         if target == source:
@@ -485,14 +543,15 @@ class MiniWorld(World):
         # Every domain is a SynthPEDES folder under its own root, so a cross-domain evaluation
         # gets a run directory of its own (the same weights and config, the target's root).
         erun = f"{run_dir}__on_{target}"
-        job = Job(f"evaluate {os.path.basename(run_dir)} on the {target} domain",
-                  py("test.py", erun, f"root_dir={self.root(target)}", "anno_file=null",
-                     "noisy_rate=0.0", "init_checkpoint=null", "--weights",
-                     rd.checkpoint_path(run_dir, rd.BEST), "--config",
-                     rd.config_path(run_dir), "--no-progress"),
+        argv = py("test.py", erun, f"root_dir={self.root(target)}", "anno_file=null",
+                  "noisy_rate=0.0", "init_checkpoint=null", "--weights",
+                  rd.checkpoint_path(run_dir, rd.BEST), "--config",
+                  rd.config_path(run_dir), "--no-progress")
+        job = Job(f"evaluate {os.path.basename(run_dir)} on the {target} domain", argv,
                   rd.eval_file(erun, "SynthPEDES"),
                   seconds=self._queries(target) * float(self.secs.get("per_eval_query", 0.0)),
-                  basis=self.basis())
+                  basis=self.basis(), identity=digest("eval", argv[1:], self._domain_identity(target)),
+                  seed=self.seed_of(run_dir), run_dir=erun)
         return erun, "SynthPEDES", self.prepare(target) + [job]
 
     def xi_arg(self, run_dir: str, target_name: str):
@@ -501,38 +560,62 @@ class MiniWorld(World):
         return Lazy(lambda: f"{results.xi_of_run(run_dir, target_name):.4f}",
                     f"<xi: Fig. 3 crossover of {rd.eval_dir(run_dir, target_name)}>")
 
-    def _thi_common(self, run_dir, target_name, target, error_rate):
+    def _thi_common(self, run_dir, target_name, target, mllm, seed):
+        if mllm not in self.profiles:
+            raise ValueError(f"unknown MLLM {mllm!r}; the mini world has {sorted(self.profiles)}")
         d = self.domains[target]
         return ["--run", run_dir, "--target", target_name, "--root", d["root"],
-                "--backend", "simulated", "--error-rate", _n(error_rate),
-                "--seed", str(self.mllm_seed), "--rounds", str(self.rounds), "--no-progress"]
+                "--backend", "simulated", "--mllm-profile", str(self.profiles[mllm]),
+                "--seed", str(seed), "--rounds", str(self.rounds), "--no-progress"]
 
-    def thi(self, run_dir, target_name, target, *, lora=True):
-        suffix = "" if lora else "_nolora"
-        out = rd.thi_dir(run_dir, target_name, rd.BEST, "paper" + suffix)
-        err = self.error_rate if lora else self.nolora_error_rate
-        argv = py("-m", "thi", *self._thi_common(run_dir, target_name, target, err),
-                  "--xi", self.xi_arg(run_dir, target_name), "--lam", _n(self.lam), "--out", out,
-                  "--cache-dir", rd.mllm_cache_dir(run_dir) + suffix)
+    def thi(self, run_dir, target_name, target, *, lora=True, mllm="calibrated", seed=None):
+        mllm = mllm if lora else "nolora"
+        seed = self.seed_of(run_dir) if seed is None else seed
+        common = self._thi_common(run_dir, target_name, target, mllm, seed)
+        ident = digest("thi", common, self.lam, self.xi)
+        out = rd.thi_dir(run_dir, target_name, rd.BEST, f"{mllm}-{ident}")
+        argv = py("-m", "thi", *common, "--xi", self.xi_arg(run_dir, target_name),
+                  "--lam", _n(self.lam), "--out", out,
+                  "--cache-dir", f"{rd.mllm_cache_dir(run_dir)}_{mllm}")
         secs = self._queries(target) * self.rounds * float(self.secs.get("per_thi_query", 0.0))
-        return out, [Job(f"THI{'' if lora else ' (MLLM without LoRA: error rate ' + _n(err) + ')'} "
-                         f"{os.path.basename(run_dir)}", argv, os.path.join(out, rd.THI_COST),
-                         seconds=secs, basis=self.basis())]
+        what = {"calibrated": "calibrated MLLM", "oracle": "oracle MLLM (upper bound)",
+                "nolora": "MLLM without tuning"}.get(mllm, mllm)
+        return out, [Job(f"THI, {what}: {os.path.basename(run_dir)}", argv,
+                         os.path.join(out, rd.THI_COST), seconds=secs, basis=self.basis(),
+                         identity=ident, seed=seed, run_dir=out)]
 
-    def sweep(self, run_dir, target_name, target):
+    def sweep_values(self, curve: str) -> dict:
         sw = {**self.cfg.get("sweep", {}), **self.scale.get("sweep", {})}
-        lams = ",".join(_n(v) for v in sw.get("lams", [0.5, 0.6, 0.7, 0.8, 0.9]))
-        qs = sw.get("xi_quantiles", [0.1, 0.3, 0.5, 0.7, 0.9])
+        return {"xis": [float(x) for x in sw.get("xis", [0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7])],
+                "lams": [float(x) for x in sw.get("lams", [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])],
+                "xi_quantiles": [float(q) for q in sw.get("xi_quantiles", [])]}
 
-        def xis() -> str:  # quantiles of the run's own top-1 similarities (its scale, not CLIP's)
-            ev = results.load_eval(run_dir, target_name)
-            top1 = ev["similarity"].max(axis=1)
-            return ",".join(f"{float(np.quantile(top1, q)):.4f}" for q in qs)
+    def sweep(self, run_dir, target_name, target, *, curve="xi"):
+        """Fig. 5's curves: ``xi`` (the paper's xi axis, the tables' xi and quantiles of the run's
+        top-1 similarities, whose scale is the tiny model's, at the tables' lambda) or ``lam``
+        (the sweep's lambda values at the tables' xi); calibrated MLLM."""
+        vals = self.sweep_values(curve)
+        table_xi = self.xi_arg(run_dir, target_name)
+        if curve == "xi":
+            def xis() -> str:
+                t = table_xi if isinstance(table_xi, str) else table_xi.resolve()
+                top1 = results.load_eval(run_dir, target_name)["similarity"].max(axis=1)
+                qs = {round(float(np.quantile(top1, q)), 4) for q in vals["xi_quantiles"]}
+                return ",".join(f"{v:g}" for v in sorted(set(vals["xis"]) | qs | {round(float(t), 4)}))
 
-        out = rd.thi_dir(run_dir, target_name, rd.BEST, "sweep")
-        argv = py("-m", "thi", "sweep", *self._thi_common(run_dir, target_name, target, self.error_rate),
-                  "--lams", lams, "--xis", Lazy(xis, f"<top-1 similarity quantiles {qs}>"),
-                  "--out", out, "--cache-dir", rd.mllm_cache_dir(run_dir))
-        secs = self._queries(target) * self.rounds * len(qs) * float(self.secs.get("per_thi_query", 0.0))
-        return out, [Job(f"THI sweep {os.path.basename(run_dir)}", argv,
-                         os.path.join(out, rd.THI_SWEEP), seconds=secs, basis=self.basis())]
+            grid = ["--lams", _n(self.lam), "--xis",
+                    Lazy(xis, f"<{','.join(_n(v) for v in vals['xis'])}, the tables' xi and top-1 "
+                              f"quantiles {vals['xi_quantiles']}>")]
+        else:
+            grid = ["--lams", ",".join(_n(v) for v in vals["lams"]), "--xis", table_xi]
+        seed = self.seed_of(run_dir)
+        common = self._thi_common(run_dir, target_name, target, "calibrated", seed)
+        ident = digest("sweep", curve, common, vals)
+        out = rd.thi_dir(run_dir, target_name, rd.BEST, f"sweep_{curve}-{ident}")
+        argv = py("-m", "thi", "sweep", *common, *grid, "--out", out,
+                  "--cache-dir", f"{rd.mllm_cache_dir(run_dir)}_calibrated")
+        n = len(vals["xis"]) + len(vals["xi_quantiles"]) + 1 if curve == "xi" else len(vals["lams"])
+        secs = self._queries(target) * self.rounds * n * float(self.secs.get("per_thi_query", 0.0))
+        return out, [Job(f"THI sweep over {'xi' if curve == 'xi' else 'lambda'} "
+                         f"{os.path.basename(run_dir)}", argv, os.path.join(out, rd.THI_SWEEP),
+                         seconds=secs, basis=self.basis(), identity=ident, seed=seed, run_dir=out)]

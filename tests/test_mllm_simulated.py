@@ -227,3 +227,69 @@ def test_same_dataset_copied_elsewhere_and_cache_rerun(synth, tmp_path):
     assert first[0] == "Yes"
     again = build_client("simulated", attributes=d, cache_dir=tmp_path / "cache")
     assert again.generate(reqs) == first and again.stats["calls"] == 0
+
+
+def _loc_pairs(d, records, images, n=200):
+    """(requests, teacher says Yes) over caption x other-image pairs, half of them matching."""
+    reqs, truth = [], []
+    for i, r in enumerate(records[:n]):
+        cap = r["captions"][0]
+        reqs.append(Request(loc_prompt(cap), image=img(d, r["file_path"])))
+        truth.append(True)
+        other = records[(i * 7 + 3) % len(records)]
+        said = parse_caption(cap)
+        reqs.append(Request(loc_prompt(cap), image=img(d, other["file_path"])))
+        truth.append(all(images[other["file_path"]].get(k) == v for k, v in said.items()))
+    return reqs, truth
+
+
+def test_error_profile_answers_at_the_measured_rates_deterministically(synth):
+    from offline.simulated import PROFILES
+
+    d, records, images = synth
+    reqs, truth = _loc_pairs(d, records, images, n=len(records))
+    p = PROFILES["tiny-qwen2vl"]
+    a = [parse_yes_no(x) for x in build_client("simulated", attributes=d, profile="tiny-qwen2vl").generate(reqs)]
+    b = [parse_yes_no(x) for x in build_client("simulated", attributes=d, profile="tiny-qwen2vl").generate(reqs[::-1])][::-1]
+    assert a == b  # deterministic given the seed, whatever the order
+    yes_true = sum(x for x, t in zip(a, truth) if t) / truth.count(True)
+    yes_false = sum(x for x, t in zip(a, truth) if not t) / truth.count(False)
+    assert truth.count(False) > 50
+    assert abs(yes_true - p["loc_yes_true"]) < 0.08 and abs(yes_false - p["loc_yes_false"]) < 0.08
+    other_seed = [parse_yes_no(x) for x in build_client("simulated", attributes=d, profile="tiny-qwen2vl",
+                                                       seed=1).generate(reqs)]
+    assert other_seed != a
+    oracle = [parse_yes_no(x) for x in build_client("simulated", attributes=d, profile="oracle").generate(reqs)]
+    assert oracle == truth
+    never = build_client("simulated", attributes=d, profile="untuned-tiny-qwen2vl").generate(reqs)
+    assert set(never) == {"No"}
+    # VQA and aggregation rates of a profile: all wrong at accuracy 0, all right at 1
+    vqa = [Request(vqa_prompt(), image=img(d, r["file_path"])) for r in records[:20]]
+    bad = build_client("simulated", attributes=d, profile="loc_yes_true=1,loc_yes_false=0,"
+                       "vqa_accuracy=0,aggr_faithful=1")
+    good = build_client("simulated", attributes=d, profile="oracle")
+    assert all(x != y for x, y in zip(bad.generate(vqa), good.generate(vqa)))
+    with pytest.raises(ValueError, match="unknown MLLM error profile"):
+        build_client("simulated", attributes=d, profile="tiny")
+    with pytest.raises(ValueError, match="not both"):
+        build_client("simulated", attributes=d, profile="oracle", error_rate=0.1)
+
+
+def test_concise_aggregation_stays_within_the_text_length(synth):
+    from utils.tokenizer import get_tokenizer
+
+    d, records, _ = synth
+    tok = get_tokenizer()
+    keep = build_client("simulated", attributes=d)
+    concise = build_client("simulated", attributes=d, aggregation="concise", text_length=77)
+    longer = 0
+    for r in records[:20]:
+        caption = r["captions"][0]
+        subs = parse_vqa(keep.generate([Request(vqa_prompt(), image=img(d, r["file_path"]))])[0])
+        k = keep.generate([Request(aggr_prompt(caption, subs))])[0]
+        c = concise.generate([Request(aggr_prompt(caption, subs))])[0]
+        assert len(tok.encode(c)) + 2 <= 77 and c.startswith(caption.rstrip("."))
+        # what it keeps is a prefix of the whole sentences the keep mode adds
+        assert k.startswith(c.rstrip(".")) or set(parse_caption(c).items()) <= set(parse_caption(k).items())
+        longer += len(tok.encode(k)) + 2 > 77
+    assert longer > 10  # the keep mode is cut at 77 tokens for most captions

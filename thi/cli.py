@@ -68,6 +68,12 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--error-rate", type=float, default=0.0, help="simulated backend: answer "
                                                                   "error probability")
     ap.add_argument("--seed", type=int, default=0, help="simulated backend: error seed")
+    ap.add_argument("--mllm-profile", help="simulated backend: per-stage error profile, a name "
+                    "(oracle, tiny-qwen2vl, untuned-tiny-qwen2vl) or loc_yes_true=..,"
+                    "loc_yes_false=..,vqa_accuracy=..,aggr_faithful=..")
+    ap.add_argument("--aggregation", choices=("keep", "concise"), default="keep",
+                    help="simulated backend: aggregation keeps every new answer, or stays "
+                         "within the text length (the prompt's 'concise')")
     ap.add_argument("--rounds", type=int, default=ROUNDS,
                     help=f"K, interaction rounds (paper: {ROUNDS})")
     ap.add_argument("--temperature", type=float, default=0.01)
@@ -160,7 +166,13 @@ def mllm_label(args) -> str:
     ``+merged`` / ``+nolora``), so that different backends and models never share a results folder."""
     if args.backend == "simulated":
         rate = getattr(args, "error_rate", 0.0) or 0.0
-        return label("simulated", f"err{rate:g}-seed{args.seed}" if rate else None)
+        prof = getattr(args, "mllm_profile", None)
+        aggr = getattr(args, "aggregation", "keep")
+        tag = (f"err{rate:g}-seed{args.seed}" if rate else
+               f"{prof}-seed{args.seed}".replace("=", "").replace(",", "-") if prof else None)
+        if aggr != "keep":
+            tag = f"{tag}-{aggr}" if tag else aggr
+        return label("simulated", tag)
     tag = ("+nolora" if getattr(args, "no_lora", False) else "+merged" if getattr(args, "merged", False)
            else None)
     if args.backend == "openai":

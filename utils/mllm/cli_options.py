@@ -26,7 +26,11 @@ def client_options(args, dataset_dir: Optional[str], cache_dir: str) -> dict:
                 raise SystemExit("--backend simulated needs --attributes (or --root with "
                                  "ROOT/TARGET/attributes.json)")
             attributes = os.path.join(dataset_dir, "attributes.json")
-        opts = {"attributes": attributes, "error_rate": args.error_rate, "seed": args.seed}
+        opts = {"attributes": attributes, "error_rate": args.error_rate, "seed": args.seed,
+                "profile": getattr(args, "mllm_profile", None),
+                "aggregation": getattr(args, "aggregation", "keep") or "keep"}
+        if getattr(args, "text_length", None):
+            opts["text_length"] = args.text_length
     elif args.backend == "openai":
         if args.concurrency < 1:
             raise SystemExit(f"--concurrency must be >= 1, got {args.concurrency}")
