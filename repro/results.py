@@ -114,14 +114,11 @@ def maybe(fn, *args) -> Optional[dict]:
 
 def eval_target(run_dir: str) -> str:
     """The dataset a training run evaluated itself on (its config's dataset_name)."""
-    import yaml
-
-    with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
-        return str((yaml.safe_load(f) or {}).get("dataset_name"))
+    return str(rd.read_saved_config(run_dir).get("dataset_name"))
 
 
 def eval_per_query(run_dir: str, target: str) -> dict:
-    """Per-query R1..mINP values of ``run_dir/eval/target`` (``repro.stats.per_query``)."""
+    """Per-query R1..mINP values of the best checkpoint's evaluation (``repro.stats.per_query``)."""
     from .stats import per_query
 
     ev = load_eval(run_dir, target)
@@ -132,12 +129,12 @@ def thi_per_query(run_dir: str, target: str, thi_dir: str) -> dict:
     """Per-query values after THI: its final similarity with the eval folder's identities."""
     from .stats import per_query
 
-    folder = os.path.join(run_dir, "eval", target)
-    sim_path = os.path.join(thi_dir, "final_similarity.npy")
+    ev = load_eval(run_dir, target)
+    sim_path = os.path.join(thi_dir, rd.THI_FINAL_SIMILARITY)
     if not os.path.isfile(sim_path):
         raise FileNotFoundError(f"{sim_path} is missing: run the THI job that writes it")
-    return per_query(np.load(sim_path), np.load(os.path.join(folder, "q_pids.npy")),
-                     np.load(os.path.join(folder, "g_pids.npy")))
+    return per_query(rd.read_npy(sim_path, "run its THI job again (python -m repro ...)"),
+                     ev["q_pids"], ev["g_pids"])
 
 
 def token_lengths(rda_file: str, text_length: int = 77) -> dict:
@@ -173,4 +170,4 @@ def token_lengths(rda_file: str, text_length: int = 77) -> dict:
 
 def thi_records(thi_dir: str) -> list:
     """Every THI round's record (queries asked, new anchors, calls, metrics) from rounds.json."""
-    return list(_json(os.path.join(thi_dir, "rounds.json"))["rounds"])
+    return list(_json(os.path.join(thi_dir, rd.THI_ROUNDS))["rounds"])
