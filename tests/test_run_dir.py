@@ -337,3 +337,24 @@ def test_a_garbled_thi_cost_report_is_named(two_ckpt_run, synth_root, tmp_path, 
     open(cost, "w").write('{"calls_total": ')
     assert main(args) == 2  # one message, no traceback
     assert f"{cost} cannot be read" in capsys.readouterr().err
+
+
+def test_thi_state_with_a_short_list_names_the_file(tmp_path):
+    """Issue 28 item 9: a state.json whose per-query lists are cut (or edited) was accepted and
+    failed later with a broadcasting error; now it is refused naming the file."""
+    from thi.state import THIState, fingerprint, load_state, save_state
+
+    sim = np.random.default_rng(0).random((4, 3)).astype(np.float32)
+    fp = fingerprint(sim, ["a", "b", "c", "d"], ["x", "y", "z"], lam=0.8)
+    state = THIState.fresh(fp, 4)
+    save_state(str(tmp_path), state)
+    assert load_state(str(tmp_path), fp) is not None
+    path = tmp_path / rd.THI_STATE
+    data = json.loads(path.read_text())
+    data["said_yes"] = data["said_yes"][:2]
+    path.write_text(json.dumps(data))
+    with pytest.raises(rd.RunFileError, match=r"state\.json: said_yes holds 2 entries for 4 queries"):
+        load_state(str(tmp_path), fp)
+    path.write_text('{"fingerprint": ')
+    with pytest.raises(rd.RunFileError, match=r"state\.json: unreadable THI resume state"):
+        load_state(str(tmp_path), fp)

@@ -36,6 +36,7 @@ class SettingsChanged(ProjectError, ValueError):
     refusal whose message lists each difference and what to do (entry points print it alone)."""
 
 STAGES = ("loc", "vqa", "aggr", "rerank")
+PER_QUERY = ("anchors", "anchor_round", "said_yes", "refined", "asked_ever")  # lists by query
 STATE_VERSION = 1
 
 
@@ -114,8 +115,8 @@ def load_state(out_dir: str, fp: dict) -> Optional[THIState]:
         with open(path, encoding="utf-8") as f:
             state = THIState(**json.load(f))
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"{path}: unreadable THI resume state ({exc}); delete it to start the "
-                         f"run over") from exc
+        raise rd.RunFileError(f"{path}: unreadable THI resume state ({exc}); delete it to start "
+                              f"the run over") from exc
     if state.fingerprint != fp:
         lines = "\n".join(f"  {k}: saved {_short(old)}, now {_short(new)}"
                           for k, old, new in differences(state.fingerprint, fp))
@@ -124,7 +125,13 @@ def load_state(out_dir: str, fp: dict) -> Optional[THIState]:
                          f"output folder (--out DIR), or start this folder over by deleting it "
                          f"(rm -r {out_dir})")
     if state.stage not in STAGES:
-        raise ValueError(f"{path}: unknown stage {state.stage!r}; delete it to start over")
+        raise rd.RunFileError(f"{path}: unknown stage {state.stage!r}; delete it to start over")
+    queries = int(fp["shape"][0])
+    for name in PER_QUERY:
+        if len(getattr(state, name)) != queries:
+            raise rd.RunFileError(f"{path}: {name} holds {len(getattr(state, name))} entries for "
+                                  f"{queries} queries (cut or edited by hand); delete it to start "
+                                  f"the run over")
     return state
 
 
@@ -155,4 +162,9 @@ def load_similarity(out_dir: str, state: THIState, base: np.ndarray) -> np.ndarr
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} (named by {STATE_FILE}) is missing; delete "
                                 f"{os.path.join(out_dir, STATE_FILE)} to start over")
-    return np.load(path)
+    sim = rd.read_npy(path, f"delete {os.path.join(out_dir, STATE_FILE)} to start over")
+    if sim.shape != np.shape(base):
+        raise rd.RunFileError(f"{path} (named by {STATE_FILE}) has shape {sim.shape}, not the "
+                              f"evaluation's {np.shape(base)}; delete "
+                              f"{os.path.join(out_dir, STATE_FILE)} to start over")
+    return sim
