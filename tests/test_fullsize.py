@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 import torch
 
+from utils import run_dir as rd
+
 from fullsize_data import VIT_B16, write_benchmark, write_rda_file, write_vit_b16
 
 pytestmark = pytest.mark.slow
@@ -112,10 +114,10 @@ def test_paper_config_runs_at_full_size(config, vit_b16, synth_small, pre77, tmp
         assert all(np.isfinite(epoch[k]) and epoch[k] > 0 for k in names)
         assert epoch.get("rda_gamma") == (pytest.approx(0.97) if icl else None)
         # CCD: per-sample labels of both views over every training pair.
-        ccd = np.load(os.path.join(run, "ccd", "epoch_1.npz"))
+        ccd = np.load(rd.ccd_file(run, 1))
         assert all(ccd[k].shape[0] == TRAIN_CAPTIONS for k in ccd.files), {k: ccd[k].shape for k in ccd.files}
         # The weights hold a ViT-B/16 at 384x128 and the config's text length, in float32.
-        saved = torch.load(os.path.join(run, "best.pth"), map_location="cpu", weights_only=False)["model"]
+        saved = torch.load(rd.checkpoint_path(run, rd.BEST), map_location="cpu", weights_only=False)["model"]
         text_length = 168 if ufine else 77
         assert saved["base_model.positional_embedding"].shape == (text_length, VIT_B16["text_width"])
         assert saved["base_model.visual.positional_embedding"].shape == (GRID + 1, VIT_B16["vision_width"])
@@ -128,13 +130,13 @@ def test_paper_config_runs_at_full_size(config, vit_b16, synth_small, pre77, tmp
         # Evaluation into the run directory, then python test.py RUN gives the same similarity.
         test_split = [r for r in bench["records"] if r["split"] == "test"]
         n_captions = sum(len(r["captions"]) for r in test_split)
-        eval_dir = os.path.join(run, "eval", dataset)
+        eval_dir = rd.eval_dir(run, dataset, rd.BEST)
         sim = np.load(os.path.join(eval_dir, "similarity.npy"))
         assert sim.shape == (n_captions, len(test_split))
         os.remove(os.path.join(eval_dir, "similarity.npy"))
         import test as test_cli
 
-        assert test_cli.main([run, "--device", "cpu", "--no-progress"]) == 0
+        assert test_cli.main([run, "--checkpoint", rd.BEST, "--device", "cpu", "--no-progress"]) == 0
         np.testing.assert_allclose(np.load(os.path.join(eval_dir, "similarity.npy")), sim, atol=1e-5)
 
         # THI over that evaluation with the simulated MLLM.
@@ -142,7 +144,7 @@ def test_paper_config_runs_at_full_size(config, vit_b16, synth_small, pre77, tmp
 
         assert thi_main(["--run", run, "--backend", "simulated", "--device", "cpu", "--no-progress",
                          "--rounds", "2"]) == 0
-        out = os.path.join(run, "thi", dataset, "simulated")
+        out = rd.thi_dir(run, dataset, rd.BEST, "simulated")
         rounds = json.load(open(os.path.join(out, "rounds.json")))
         assert len(rounds["rounds"]) == 2
         assert np.load(os.path.join(out, "final_similarity.npy")).shape == sim.shape
@@ -166,10 +168,10 @@ def test_two_cpu_processes_at_full_size(vit_b16, synth_small, pre77, tmp_path):
         metrics = json.load(open(os.path.join(run, "metrics.json")))
         epoch = metrics["epochs"][0]
         assert {"bge_loss", "tse_loss", "bge_aug_loss", "tse_aug_loss"} <= set(epoch)
-        ccd = np.load(os.path.join(run, "ccd", "epoch_1.npz"))
+        ccd = np.load(rd.ccd_file(run, 1))
         assert all(ccd[k].shape[0] == TRAIN_CAPTIONS for k in ccd.files)
         assert "world size 2" in open(os.path.join(run, "train.log")).read()
-        sim = np.load(os.path.join(run, "eval", dataset, "similarity.npy"))
+        sim = np.load(os.path.join(rd.eval_dir(run, dataset, rd.BEST), "similarity.npy"))
         n_captions = sum(len(r["captions"]) for r in bench["records"] if r["split"] == "test")
         assert sim.shape[0] == n_captions
     finally:
