@@ -38,26 +38,27 @@ def main(argv: list[str] | None = None) -> int:
     try:  # before the lock and the log file: nothing is written into a folder that is not a run
         if not args.weights:
             rd.require_run_dir(args.run_dir, first)
+        else:  # the config is checked before the lock makes the folder: a bad one writes nothing
+            from utils.config import load_config
+
+            cfg = load_config(args.config, args.overrides)
         with rd.folder_lock(args.run_dir, "evaluation (test.py)"):
             if args.weights:
-                _adopt_weights(ap, args, first)
+                _adopt_weights(ap, args, first, cfg)
             rd.require_run_dir(args.run_dir, first)
             return _evaluate(args)
     except rd.RunDirError as err:  # a refusal with its fix: no traceback
         ap.error(str(err))
 
 
-def _adopt_weights(ap: argparse.ArgumentParser, args, checkpoint: str) -> None:
+def _adopt_weights(ap: argparse.ArgumentParser, args, checkpoint: str, cfg) -> None:
     """Make ``args.run_dir`` a run of the external checkpoint ``--weights`` (never over a trained run)."""
     import os
-
-    from utils.config import load_config
 
     trained = [f for f in (rd.LAST, rd.METRICS) if os.path.exists(os.path.join(args.run_dir, f))]
     if trained:  # config.yaml and best.pth of a training run would be overwritten
         ap.error(f"{args.run_dir} holds a run trained by train.py ({', '.join(trained)}); --weights would "
                  f"overwrite its {rd.CONFIG} and {rd.BEST}. Pass a new folder for the external checkpoint")
-    cfg = load_config(args.config, args.overrides)
     rd.save_run_config(args.run_dir, cfg)
     target = rd.checkpoint_path(args.run_dir, checkpoint)
     if os.path.abspath(args.weights) != os.path.abspath(target):
