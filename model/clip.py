@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.clip_download import OPENAI_MODELS, fetch_openai_clip
+
 # Entries of OpenAI's checkpoints that our CLIP does not own: the TorchScript archive's
 # non-parameter scalars (OpenAI's build_model deletes exactly these) and CLIP's contrastive
 # temperature, which IRRA/RDE drop (RDE has its own); keeping it out keeps our backbone keys
@@ -526,5 +528,7 @@ def load_clip(
     dict itself. Returns a float32 CLIP on CPU (move it with ``.to(device)``). ``text_pos``: how
     a text position table of another length is made (``TEXT_POS_MODES``).
     """
+    if isinstance(checkpoint, str) and checkpoint in OPENAI_MODELS:  # a name, as in the releases
+        checkpoint = fetch_openai_clip(checkpoint)
     return build_clip(read_clip_state_dict(checkpoint), image_size, stride, text_length, pos_mode,
                       text_pos=text_pos)
