@@ -16,6 +16,8 @@ from typing import Callable, Optional
 
 from tqdm import tqdm
 
+from utils.errors import ProjectError
+
 _BASE = "https://openaipublic.azureedge.net/clip/models"
 # name -> (sha256, file name); the sha256 is also the URL's folder (OpenAI's scheme).
 OPENAI_MODELS = {
@@ -24,7 +26,7 @@ OPENAI_MODELS = {
 CACHE_ENV = "ICL_CLIP_CACHE"
 
 
-class CLIPDownloadError(RuntimeError):
+class CLIPDownloadError(ProjectError, RuntimeError):
     """OpenAI's checkpoint could not be fetched or failed its hash; the message says what to do."""
 
 
