@@ -111,42 +111,38 @@ def _lerp(a: tuple[float, float], b: tuple[float, float], t: float) -> tuple[flo
     return (a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t)
 
 
-def render_person(attrs: dict[str, str], rng: random.Random, size: tuple[int, int] = (128, 64)
-                  ) -> tuple[Image.Image, dict[str, list[int]]]:
-    """Draw one image -> (RGB image of ``size`` = (H, W), sample boxes).
+@dataclass
+class _Body:
+    """The person's proportions, colours and pose, fixed before drawing (person units)."""
 
-    The boxes ``[x0, y0, x1, y1]`` (target pixels) lie inside regions that show only one
-    colour in a plain garment: ``upper`` (the chest, left of the axis), ``lower`` (a leg or the
-    skirt), ``head``.
-    """
-    out_h, out_w = size
-    w, h = out_w * _SUPERSAMPLE, out_h * _SUPERSAMPLE
-    canvas = Image.new("RGB", (w, h))
-    d = ImageDraw.Draw(canvas)
-    _draw_background(d, attrs["background"], w, h, rng)
+    skin: RGB
+    shoulder: float
+    hip: float
+    upper: RGB
+    lower: RGB
+    arms: list[tuple[tuple[float, float], tuple[float, float], tuple[float, float]]]
+    left_foot: tuple[float, float]
+    right_foot: tuple[float, float]
+    left_hip: tuple[float, float] = (-0.05, 0.5)
+    right_hip: tuple[float, float] = (0.05, 0.5)
 
-    height = h * rng.uniform(0.82, 0.92)
-    f = _Frame(cx=w / 2 + rng.uniform(-0.07, 0.07) * w, top=(h - height) * rng.uniform(0.3, 0.7), height=height)
+    @property
+    def hands(self) -> list[tuple[float, float]]:
+        return [self.arms[0][2], self.arms[1][2]]
 
-    if attrs["others"] == "yes":
-        for side in rng.sample((-1, 1), rng.choice((1, 2))):
-            bh = height * rng.uniform(0.55, 0.7)
-            bx = w / 2 + side * w * rng.uniform(0.38, 0.5)
-            _draw_bystander(d, _Frame(cx=bx, top=f.y(1.0) - bh - height * 0.05, height=bh), rng)
+    @property
+    def legs(self) -> tuple[tuple[tuple[float, float], tuple[float, float]], ...]:
+        return ((self.left_hip, self.left_foot), (self.right_hip, self.right_foot))
 
+
+def _body(attrs: dict[str, str], rng: random.Random) -> _Body:
+    """Skin tone (one draw of ``rng``), proportions by gender, and the pose: feet apart and arm
+    swing grow from standing to walking to running."""
     skin = rng.choice(SKIN_TONES)
     female = attrs["gender"] == "female"
     shoulder = 0.115 if female else 0.13
-    hip = 0.11 if female else 0.1
-    upper = COLORS[attrs["upper_color"]]
-    lower = COLORS[attrs["lower_color"]]
-    hair = HAIR_COLORS[attrs["hair_color"]]
     action = attrs["action"]
-
-    # Pose: feet apart and arm swing grow from standing to walking to running.
     spread = {"standing": 0.045, "walking": 0.1, "running": 0.17}[action]
-    left_hip, right_hip = (-0.05, 0.5), (0.05, 0.5)
-    left_foot, right_foot = (-spread, 0.94), (spread * 0.9, 0.94)
     if action == "running":
         arms = [((-shoulder - 0.02, 0.19), (-shoulder - 0.09, 0.32), (-shoulder - 0.02, 0.42)),
                 ((shoulder + 0.02, 0.19), (shoulder + 0.1, 0.3), (shoulder + 0.05, 0.2))]
@@ -154,52 +150,61 @@ def render_person(attrs: dict[str, str], rng: random.Random, size: tuple[int, in
         swing = 0.03 if action == "walking" else 0.0
         arms = [((-shoulder - 0.02, 0.19), (-shoulder - 0.035 - swing, 0.35), (-shoulder - 0.04 - swing, 0.5)),
                 ((shoulder + 0.02, 0.19), (shoulder + 0.035 + swing, 0.35), (shoulder + 0.04 + swing, 0.5))]
-    hands = [arms[0][2], arms[1][2]]
+    return _Body(skin=skin, shoulder=shoulder, hip=0.11 if female else 0.1,
+                 upper=COLORS[attrs["upper_color"]], lower=COLORS[attrs["lower_color"]], arms=arms,
+                 left_foot=(-spread, 0.94), right_foot=(spread * 0.9, 0.94))
 
-    # Behind the body: long hair, backpack, umbrella shaft.
+
+def _draw_behind(d: ImageDraw.ImageDraw, f: _Frame, attrs: dict[str, str], b: _Body) -> None:
+    """What the body hides: long hair and the backpack."""
     if attrs["hair_length"] == "long":
-        d.rectangle(f.box(-0.085, 0.05, 0.085, 0.27), fill=hair)
-    bag, bag_color = attrs["bag"], COLORS.get(attrs["bag_color"], (0, 0, 0))
-    if bag == "backpack":
-        d.rectangle(f.box(-shoulder - 0.035, 0.2, shoulder + 0.035, 0.47), fill=bag_color)
+        d.rectangle(f.box(-0.085, 0.05, 0.085, 0.27), fill=HAIR_COLORS[attrs["hair_color"]])
+    if attrs["bag"] == "backpack":
+        d.rectangle(f.box(-b.shoulder - 0.035, 0.2, b.shoulder + 0.035, 0.47), fill=_bag_color(attrs))
 
-    # Legs (skin), then the lower garment on them.
-    leg_w = 0.075
-    for hip_pt, foot in ((left_hip, left_foot), (right_hip, right_foot)):
-        _limb(d, f, hip_pt, foot, leg_w, skin)
-    kind = attrs["lower_type"]
-    lower_box_uv: tuple[float, float, float, float]
-    if kind in ("trousers", "jeans", "shorts"):
-        end = 0.91 if kind != "shorts" else 0.7
-        for hip_pt, foot in ((left_hip, left_foot), (right_hip, right_foot)):
-            knee_end = _lerp(hip_pt, foot, (end - 0.5) / 0.44)
-            _limb(d, f, (hip_pt[0], 0.48), knee_end, leg_w + 0.012, lower)
-            if kind == "jeans":
-                seam = _shade(lower, 1.35) if sum(lower) < 500 else _shade(lower, 0.7)
-                outer = (hip_pt[0] - 0.028 if hip_pt[0] < 0 else hip_pt[0] + 0.028, 0.5)
-                _limb(d, f, outer, (knee_end[0] + (outer[0] - hip_pt[0]), knee_end[1]), 0.008, seam)
-        d.rectangle(f.box(-hip, 0.47, hip, 0.56), fill=lower)
-        if kind == "jeans":
-            pocket = _shade(lower, 0.7)
-            d.arc(f.box(-hip + 0.01, 0.47, -0.02, 0.54), 0, 180, fill=pocket, width=2)
-            d.arc(f.box(0.02, 0.47, hip - 0.01, 0.54), 0, 180, fill=pocket, width=2)
-        if kind == "shorts":
-            mid = _lerp(left_hip, left_foot, (0.64 - 0.5) / 0.44)
-            lower_box_uv = (mid[0] - 0.015, 0.61, mid[0] + 0.015, 0.66)
-        else:
-            mid = _lerp(left_hip, left_foot, (0.76 - 0.5) / 0.44)
-            lower_box_uv = (mid[0] - 0.015, 0.72, mid[0] + 0.015, 0.8)
-    else:  # skirt
+
+def _bag_color(attrs: dict[str, str]) -> RGB:
+    return COLORS.get(attrs["bag_color"], (0, 0, 0))
+
+
+_LEG_W = 0.075
+
+
+def _draw_legs(d: ImageDraw.ImageDraw, f: _Frame, attrs: dict[str, str], b: _Body
+               ) -> tuple[float, float, float, float]:
+    """Legs (skin), then the lower garment on them -> the one-colour box of the garment (u, v)."""
+    for hip_pt, foot in b.legs:
+        _limb(d, f, hip_pt, foot, _LEG_W, b.skin)
+    kind, lower, hip = attrs["lower_type"], b.lower, b.hip
+    if kind not in ("trousers", "jeans", "shorts"):  # skirt
         bottom = 0.86 if attrs["lower_length"] == "long" else 0.7
         flare = 0.17 if attrs["lower_length"] == "long" else 0.15
         d.polygon(f.pts((-hip, 0.47), (hip, 0.47), (flare, bottom), (-flare, bottom)), fill=lower)
-        lower_box_uv = (-0.05, 0.61, 0.05, 0.67)
+        return (-0.05, 0.61, 0.05, 0.67)
+    end = 0.91 if kind != "shorts" else 0.7
+    for hip_pt, foot in b.legs:
+        knee_end = _lerp(hip_pt, foot, (end - 0.5) / 0.44)
+        _limb(d, f, (hip_pt[0], 0.48), knee_end, _LEG_W + 0.012, lower)
+        if kind == "jeans":
+            seam = _shade(lower, 1.35) if sum(lower) < 500 else _shade(lower, 0.7)
+            outer = (hip_pt[0] - 0.028 if hip_pt[0] < 0 else hip_pt[0] + 0.028, 0.5)
+            _limb(d, f, outer, (knee_end[0] + (outer[0] - hip_pt[0]), knee_end[1]), 0.008, seam)
+    d.rectangle(f.box(-hip, 0.47, hip, 0.56), fill=lower)
+    if kind == "jeans":
+        pocket = _shade(lower, 0.7)
+        d.arc(f.box(-hip + 0.01, 0.47, -0.02, 0.54), 0, 180, fill=pocket, width=2)
+        d.arc(f.box(0.02, 0.47, hip - 0.01, 0.54), 0, 180, fill=pocket, width=2)
+    if kind == "shorts":
+        mid = _lerp(b.left_hip, b.left_foot, (0.64 - 0.5) / 0.44)
+        return (mid[0] - 0.015, 0.61, mid[0] + 0.015, 0.66)
+    mid = _lerp(b.left_hip, b.left_foot, (0.76 - 0.5) / 0.44)
+    return (mid[0] - 0.015, 0.72, mid[0] + 0.015, 0.8)
 
-    # Shoes.
+
+def _draw_shoes(d: ImageDraw.ImageDraw, f: _Frame, attrs: dict[str, str], b: _Body) -> None:
     shoe = COLORS[attrs["shoes_color"]]
-    for foot in (left_foot, right_foot):
-        fu = foot[0]
-        style = attrs["shoes_style"]
+    style = attrs["shoes_style"]
+    for fu, _ in (b.left_foot, b.right_foot):
         if style == "boots":
             d.rectangle(f.box(fu - 0.042, 0.84, fu + 0.042, 0.985), fill=shoe)
         elif style == "sneakers":
@@ -207,21 +212,28 @@ def render_person(attrs: dict[str, str], rng: random.Random, size: tuple[int, in
             sole = (200, 200, 200) if attrs["shoes_color"] != "white" else (120, 120, 120)
             d.rectangle(f.box(fu - 0.045, 0.97, fu + 0.05, 0.985), fill=sole)
         else:  # sandals: skin with two straps
-            d.rectangle(f.box(fu - 0.04, 0.93, fu + 0.045, 0.985), fill=skin)
+            d.rectangle(f.box(fu - 0.04, 0.93, fu + 0.045, 0.985), fill=b.skin)
             d.rectangle(f.box(fu - 0.04, 0.935, fu + 0.045, 0.948), fill=shoe)
             d.rectangle(f.box(fu - 0.04, 0.962, fu + 0.045, 0.985), fill=shoe)
 
-    # Torso and the upper garment.
-    top_type = attrs["upper_type"]
+
+def _garment_detail(upper: RGB) -> RGB:
+    return _shade(upper, 0.6) if sum(upper) > 150 else _shade((90, 90, 90), 1.0)
+
+
+def _draw_torso(canvas: Image.Image, f: _Frame, attrs: dict[str, str], b: _Body) -> None:
+    """The torso in the upper garment, its pattern, and the garment's own marks (collar, zip,
+    buttons, ribbed hem)."""
+    top_type, upper, hip = attrs["upper_type"], b.upper, b.hip
     bottom = 0.6 if top_type == "coat" else 0.5
     hem = (hip + 0.02) if top_type == "coat" else hip
-    torso = f.pts((-shoulder, 0.165), (shoulder, 0.165), (hem, bottom), (-hem, bottom))
-    d.polygon(torso, fill=upper)
+    torso = f.pts((-b.shoulder, 0.165), (b.shoulder, 0.165), (hem, bottom), (-hem, bottom))
+    ImageDraw.Draw(canvas).polygon(torso, fill=upper)
     _draw_pattern(canvas, torso, attrs["pattern"], upper, f)
     d = ImageDraw.Draw(canvas)
-    detail = _shade(upper, 0.6) if sum(upper) > 150 else _shade((90, 90, 90), 1.0)
+    detail = _garment_detail(upper)
     if top_type == "t-shirt":
-        d.chord(f.box(-0.035, 0.14, 0.035, 0.2), 0, 180, fill=skin)
+        d.chord(f.box(-0.035, 0.14, 0.035, 0.2), 0, 180, fill=b.skin)
     elif top_type == "shirt":
         collar = _contrast(upper)
         d.polygon(f.pts((-0.04, 0.165), (0.0, 0.2), (-0.005, 0.165)), fill=collar)
@@ -239,41 +251,46 @@ def render_person(attrs: dict[str, str], rng: random.Random, size: tuple[int, in
     else:  # sweater: ribbed hem
         d.rectangle(f.box(-hip, 0.46, hip, 0.5), fill=detail)
 
-    # Arms: sleeves in the garment colour (to the elbow when short), then skin.
+
+def _draw_arms(d: ImageDraw.ImageDraw, f: _Frame, attrs: dict[str, str], b: _Body) -> None:
+    """Sleeves in the garment colour (to the elbow when short), then skin; a sweater's cuffs."""
     long_sleeve = attrs["sleeve"] == "long"
-    for shoulder_pt, elbow, hand in arms:
-        _limb(d, f, shoulder_pt, elbow, 0.05, upper)
-        _limb(d, f, elbow, hand, 0.045, upper if long_sleeve else skin)
+    for shoulder_pt, elbow, hand in b.arms:
+        _limb(d, f, shoulder_pt, elbow, 0.05, b.upper)
+        _limb(d, f, elbow, hand, 0.045, b.upper if long_sleeve else b.skin)
         if not long_sleeve:
-            _limb(d, f, shoulder_pt, _lerp(shoulder_pt, elbow, 0.7), 0.052, upper)
-        d.ellipse(f.box(hand[0] - 0.025, hand[1] - 0.01, hand[0] + 0.025, hand[1] + 0.035), fill=skin)
-    if top_type == "sweater":
-        for _, _, hand in arms:
-            if long_sleeve:
-                d.ellipse(f.box(hand[0] - 0.026, hand[1] - 0.03, hand[0] + 0.026, hand[1] - 0.01), fill=detail)
+            _limb(d, f, shoulder_pt, _lerp(shoulder_pt, elbow, 0.7), 0.052, b.upper)
+        d.ellipse(f.box(hand[0] - 0.025, hand[1] - 0.01, hand[0] + 0.025, hand[1] + 0.035), fill=b.skin)
+    if attrs["upper_type"] == "sweater" and long_sleeve:
+        detail = _garment_detail(b.upper)
+        for _, _, hand in b.arms:
+            d.ellipse(f.box(hand[0] - 0.026, hand[1] - 0.03, hand[0] + 0.026, hand[1] - 0.01), fill=detail)
 
-    # Belt over the waist.
+
+def _draw_front(d: ImageDraw.ImageDraw, f: _Frame, attrs: dict[str, str], b: _Body) -> None:
+    """The belt over the waist, then straps and bags in front."""
+    hip, bag, bag_color = b.hip, attrs["bag"], _bag_color(attrs)
     if attrs["belt"] != "none":
-        belt = COLORS[attrs["belt"]]
-        d.rectangle(f.box(-hip - 0.005, 0.48, hip + 0.005, 0.505), fill=belt)
+        d.rectangle(f.box(-hip - 0.005, 0.48, hip + 0.005, 0.505), fill=COLORS[attrs["belt"]])
         d.rectangle(f.box(-0.012, 0.478, 0.012, 0.507), fill=(200, 180, 60))
-
-    # Straps and bags in front.
     if bag == "backpack":
         for u in (-0.085, 0.085):
             d.rectangle(f.box(u - 0.01, 0.165, u + 0.01, 0.4), fill=_shade(bag_color, 0.8))
     elif bag == "shoulder bag":
-        _limb(d, f, (-shoulder + 0.02, 0.17), (hip + 0.04, 0.46), 0.014, _shade(bag_color, 0.8))
+        _limb(d, f, (-b.shoulder + 0.02, 0.17), (hip + 0.04, 0.46), 0.014, _shade(bag_color, 0.8))
         d.rectangle(f.box(hip - 0.01, 0.43, hip + 0.09, 0.54), fill=bag_color)
-    bag_hand = hands[1]
-    if bag == "handbag":
-        hu, hv = bag_hand
+    elif bag == "handbag":
+        hu, hv = b.hands[1]
         d.arc(f.box(hu - 0.03, hv - 0.005, hu + 0.03, hv + 0.06), 180, 360, fill=_shade(bag_color, 0.7), width=3)
         d.rectangle(f.box(hu - 0.045, hv + 0.03, hu + 0.045, hv + 0.11), fill=bag_color)
 
-    # Held object (in the hand without a handbag).
+
+def _draw_held(d: ImageDraw.ImageDraw, f: _Frame, attrs: dict[str, str], b: _Body,
+               rng: random.Random) -> None:
+    """The held object, in the hand without a handbag (an umbrella's canopy colour is one draw
+    of ``rng``)."""
     held = attrs["held"]
-    hu, hv = hands[0] if bag == "handbag" else hands[1]
+    hu, hv = b.hands[0] if attrs["bag"] == "handbag" else b.hands[1]
     if held == "phone":
         d.rectangle(f.box(hu - 0.012, hv - 0.01, hu + 0.012, hv + 0.035), fill=(25, 25, 30))
     elif held == "cup":
@@ -288,9 +305,12 @@ def render_person(attrs: dict[str, str], rng: random.Random, size: tuple[int, in
         _limb(d, f, (hu, hv + 0.02), (hu, -0.04), 0.01, (60, 60, 60))
         d.pieslice(f.box(hu - 0.16, -0.1, hu + 0.16, 0.02), 180, 360, fill=canopy)
 
-    # Head, hair, face accessories.
-    d.rectangle(f.box(-0.025, 0.12, 0.025, 0.17), fill=skin)          # neck
-    d.ellipse(f.box(-0.058, 0.01, 0.058, 0.14), fill=skin)
+
+def _draw_head(d: ImageDraw.ImageDraw, f: _Frame, attrs: dict[str, str], b: _Body) -> None:
+    """Neck, head, hair, then glasses, hat and scarf."""
+    hair = HAIR_COLORS[attrs["hair_color"]]
+    d.rectangle(f.box(-0.025, 0.12, 0.025, 0.17), fill=b.skin)          # neck
+    d.ellipse(f.box(-0.058, 0.01, 0.058, 0.14), fill=b.skin)
     d.chord(f.box(-0.062, 0.0, 0.062, 0.1), 180, 360, fill=hair)
     d.rectangle(f.box(-0.062, 0.045, -0.048, 0.08), fill=hair)
     d.rectangle(f.box(0.048, 0.045, 0.062, 0.08), fill=hair)
@@ -308,8 +328,42 @@ def render_person(attrs: dict[str, str], rng: random.Random, size: tuple[int, in
         d.rectangle(f.box(-0.055, 0.135, 0.055, 0.185), fill=scarf)
         d.rectangle(f.box(0.015, 0.18, 0.05, 0.28), fill=scarf)
 
-    image = canvas.resize((out_w, out_h), Image.BOX)
-    image = _photometric(image, rng)
+
+def render_person(attrs: dict[str, str], rng: random.Random, size: tuple[int, int] = (128, 64)
+                  ) -> tuple[Image.Image, dict[str, list[int]]]:
+    """Draw one image -> (RGB image of ``size`` = (H, W), sample boxes).
+
+    The boxes ``[x0, y0, x1, y1]`` (target pixels) lie inside regions that show only one
+    colour in a plain garment: ``upper`` (the chest, left of the axis), ``lower`` (a leg or the
+    skirt), ``head``. The layers are drawn back to front; ``rng`` is drawn in a fixed order
+    (background, frame, bystanders, skin, umbrella, photometry), so a seed gives one image.
+    """
+    out_h, out_w = size
+    w, h = out_w * _SUPERSAMPLE, out_h * _SUPERSAMPLE
+    canvas = Image.new("RGB", (w, h))
+    d = ImageDraw.Draw(canvas)
+    _draw_background(d, attrs["background"], w, h, rng)
+
+    height = h * rng.uniform(0.82, 0.92)
+    f = _Frame(cx=w / 2 + rng.uniform(-0.07, 0.07) * w, top=(h - height) * rng.uniform(0.3, 0.7), height=height)
+    if attrs["others"] == "yes":
+        for side in rng.sample((-1, 1), rng.choice((1, 2))):
+            bh = height * rng.uniform(0.55, 0.7)
+            bx = w / 2 + side * w * rng.uniform(0.38, 0.5)
+            _draw_bystander(d, _Frame(cx=bx, top=f.y(1.0) - bh - height * 0.05, height=bh), rng)
+
+    b = _body(attrs, rng)
+    _draw_behind(d, f, attrs, b)
+    lower_box_uv = _draw_legs(d, f, attrs, b)
+    _draw_shoes(d, f, attrs, b)
+    _draw_torso(canvas, f, attrs, b)
+    d = ImageDraw.Draw(canvas)
+    _draw_arms(d, f, attrs, b)
+    _draw_front(d, f, attrs, b)
+    _draw_held(d, f, attrs, b, rng)
+    _draw_head(d, f, attrs, b)
+
+    image = _photometric(canvas.resize((out_w, out_h), Image.BOX), rng)
     scale = 1.0 / _SUPERSAMPLE
 
     def to_px(u0: float, v0: float, u1: float, v1: float) -> list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 
 from .synth_schema import QUESTION_ATTRIBUTES, SCHEMA
 
@@ -80,6 +81,77 @@ def _adjectives(clause: list[str], i: int) -> list[str]:
     return out
 
 
+def _parse_token(clause: list[str], i: int, negated: bool, put: Callable[[str, str | None], None]) -> bool:
+    """Record what token ``i`` of ``clause`` states -> whether it used up a preceding negation
+    (a noun it applies to); words that only colour a later noun leave the negation standing."""
+    adjs = _adjectives(clause, i)
+    colors = [_COLOR_WORDS[a] for a in adjs if a in _COLOR_WORDS]
+    color = colors[0] if colors else None
+    lengths = [a for a in adjs if a in _LENGTH_WORDS]
+    tok = clause[i]
+    consumed = True
+    if tok in _UPPER_NOUNS:
+        put("upper_type", _UPPER_NOUNS[tok])
+        put("upper_color", color)
+        for a in adjs:
+            if a in _SLEEVE_WORDS:
+                put("sleeve", _SLEEVE_WORDS[a])
+    elif tok in ("sleeves", "sleeve") and lengths:
+        put("sleeve", lengths[0])
+    elif tok in _LOWER_NOUNS:
+        put("lower_type", _LOWER_NOUNS[tok])
+        put("lower_color", color)
+        put("lower_length", lengths[0] if lengths else None)
+    elif tok == "hair":
+        hair_colors = [_HAIR_COLOR_WORDS[a] for a in adjs if a in _HAIR_COLOR_WORDS]
+        put("hair_color", hair_colors[0] if hair_colors else None)
+        put("hair_length", lengths[0] if lengths else None)
+    elif tok in _SHOE_NOUNS:
+        put("shoes_style", _SHOE_NOUNS[tok])
+        put("shoes_color", color)
+    elif tok in _ACCESSORY_NOUNS:
+        put(_ACCESSORY_NOUNS[tok], "none" if negated else color)
+    elif tok in _BAG_NOUNS:
+        if negated:
+            put("bag", "none")
+            put("bag_color", "none")
+        else:
+            put("bag", _BAG_NOUNS[tok])
+            put("bag_color", color)
+    elif tok in _HELD_NOUNS:
+        if not negated:
+            put("held", _HELD_NOUNS[tok])
+    elif tok in ("hand", "hands"):
+        if negated:
+            put("held", "none")
+        else:
+            consumed = False
+    elif tok == "empty_handed":
+        put("held", "none")
+    elif tok in ("pattern", "patterns"):
+        if negated:
+            put("pattern", "plain")
+        else:
+            consumed = False
+    elif tok == "other" and i + 1 < len(clause) and clause[i + 1] in _OTHER_PEOPLE:
+        put("others", "none" if negated else "yes")
+    elif tok == "alone":
+        put("others", "none")
+    else:
+        consumed = False
+        if tok in _PATTERN_WORDS and not negated:
+            put("pattern", _PATTERN_WORDS[tok])
+        elif tok in _ACTION_WORDS and not negated:
+            put("action", _ACTION_WORDS[tok])
+        elif tok in _BACKGROUND_WORDS and not negated:
+            put("background", _BACKGROUND_WORDS[tok])
+        else:
+            for gender, words in _GENDER_WORDS.items():
+                if tok in words:
+                    put("gender", gender)
+    return consumed
+
+
 def parse_caption(text: str) -> dict[str, str]:
     """The SynthPEDES attributes ``text`` states (only those it can identify; the first
     mention of an attribute wins). Insensitive to case, punctuation and sentence order."""
@@ -97,71 +169,7 @@ def parse_caption(text: str) -> dict[str, str]:
                 if tok == "nobody":
                     put("others", "none")
                 continue
-            adjs = _adjectives(clause, i)
-            colors = [_COLOR_WORDS[a] for a in adjs if a in _COLOR_WORDS]
-            color = colors[0] if colors else None
-            lengths = [a for a in adjs if a in _LENGTH_WORDS]
-            consumed = True
-            if tok in _UPPER_NOUNS:
-                put("upper_type", _UPPER_NOUNS[tok])
-                put("upper_color", color)
-                for a in adjs:
-                    if a in _SLEEVE_WORDS:
-                        put("sleeve", _SLEEVE_WORDS[a])
-            elif tok in ("sleeves", "sleeve") and lengths:
-                put("sleeve", lengths[0])
-            elif tok in _LOWER_NOUNS:
-                put("lower_type", _LOWER_NOUNS[tok])
-                put("lower_color", color)
-                put("lower_length", lengths[0] if lengths else None)
-            elif tok == "hair":
-                hair_colors = [_HAIR_COLOR_WORDS[a] for a in adjs if a in _HAIR_COLOR_WORDS]
-                put("hair_color", hair_colors[0] if hair_colors else None)
-                put("hair_length", lengths[0] if lengths else None)
-            elif tok in _SHOE_NOUNS:
-                put("shoes_style", _SHOE_NOUNS[tok])
-                put("shoes_color", color)
-            elif tok in _ACCESSORY_NOUNS:
-                put(_ACCESSORY_NOUNS[tok], "none" if negated else color)
-            elif tok in _BAG_NOUNS:
-                if negated:
-                    put("bag", "none")
-                    put("bag_color", "none")
-                else:
-                    put("bag", _BAG_NOUNS[tok])
-                    put("bag_color", color)
-            elif tok in _HELD_NOUNS:
-                if not negated:
-                    put("held", _HELD_NOUNS[tok])
-            elif tok in ("hand", "hands"):
-                if negated:
-                    put("held", "none")
-                else:
-                    consumed = False
-            elif tok == "empty_handed":
-                put("held", "none")
-            elif tok in ("pattern", "patterns"):
-                if negated:
-                    put("pattern", "plain")
-                else:
-                    consumed = False
-            elif tok == "other" and i + 1 < len(clause) and clause[i + 1] in _OTHER_PEOPLE:
-                put("others", "none" if negated else "yes")
-            elif tok == "alone":
-                put("others", "none")
-            else:
-                consumed = False
-                if tok in _PATTERN_WORDS and not negated:
-                    put("pattern", _PATTERN_WORDS[tok])
-                elif tok in _ACTION_WORDS and not negated:
-                    put("action", _ACTION_WORDS[tok])
-                elif tok in _BACKGROUND_WORDS and not negated:
-                    put("background", _BACKGROUND_WORDS[tok])
-                else:
-                    for gender, words in _GENDER_WORDS.items():
-                        if tok in words:
-                            put("gender", gender)
-            if consumed:
+            if _parse_token(clause, i, negated, put):
                 negated = False
     return found
 
@@ -327,22 +335,9 @@ def _vague_caption(a: dict[str, str], rng: random.Random, subject: str,
     return f"{subject} {', '.join(pieces)}.", ex
 
 
-def compose_caption(a: dict[str, str], rng: random.Random, detail: str = "full") -> tuple[str, dict[str, str]]:
-    """A caption of image attributes ``a`` -> (text, the attributes it expresses).
-
-    ``detail``: "full" (most attributes, including absent accessories now and then),
-    "medium" (clothing and a few extras) or "vague" (two or three attributes).
-    """
-    if detail not in ("full", "medium", "vague"):
-        raise ValueError(f"detail must be full, medium or vague, got {detail!r}")
-    ex: dict[str, str] = {}
-    gendered = rng.random() < {"full": 0.85, "medium": 0.6, "vague": 0.4}[detail]
-    subject, pron, sub_ex = _subject(a, rng, gendered)
-    ex.update(sub_ex)
-
-    if detail == "vague":
-        return _vague_caption(a, rng, subject, ex)
-
+def _clothing_sentences(a: dict[str, str], rng: random.Random, detail: str, subject: str, pron: str,
+                        ex: dict[str, str]) -> list[str]:
+    """The upper and lower garments, shoes and hair in one or two sentences."""
     sentences: list[str] = []
     upper, e_up = _upper_phrase(a, rng)
     lower, e_low = _lower_phrase(a, rng)
@@ -365,8 +360,13 @@ def compose_caption(a: dict[str, str], rng: random.Random, detail: str = "full")
             sentences.append(f"{pron} is wearing {_join(clothes)}.")
     else:
         sentences.append(f"{subject} is wearing {_join(clothes)}.")
+    return sentences
 
-    # Accessories: present ones listed together, absent ones (full captions only) one by one.
+
+def _accessory_sentences(a: dict[str, str], rng: random.Random, detail: str, pron: str,
+                         ex: dict[str, str]) -> list[str]:
+    """Present accessories listed together, absent ones (full captions only) one by one."""
+    sentences: list[str] = []
     present = [k for k in ("glasses", "scarf", "hat", "belt") if a[k] != "none"]
     absent = [k for k in ("glasses", "scarf", "hat", "belt") if a[k] == "none"]
     if detail == "medium":
@@ -381,7 +381,13 @@ def compose_caption(a: dict[str, str], rng: random.Random, detail: str = "full")
         noun = "glasses" if k == "glasses" else _with_art(k)
         sentences.append(rng.choice((f"{pron} does not wear {noun}.", f"{pron} is not wearing {noun}.")))
         ex[k] = "none"
+    return sentences
 
+
+def _carry_sentences(a: dict[str, str], rng: random.Random, detail: str, pron: str,
+                     ex: dict[str, str]) -> list[str]:
+    """The bag and the held object (or, in full captions now and then, their absence)."""
+    sentences: list[str] = []
     carry = []
     if a["bag"] != "none" and (detail == "full" or rng.random() < 0.6):
         text, e = _bag_phrase(a, rng)
@@ -398,7 +404,13 @@ def compose_caption(a: dict[str, str], rng: random.Random, detail: str = "full")
         ex["held"] = "none"
     if carry:
         sentences.append(f"{pron} {_join(carry)}.")
+    return sentences
 
+
+def _scene_sentences(a: dict[str, str], rng: random.Random, detail: str, pron: str,
+                     ex: dict[str, str]) -> list[str]:
+    """The action, the background and the other people."""
+    sentences: list[str] = []
     if detail == "full" or rng.random() < 0.4:
         action = a["action"]
         verb = f"is {action}" if rng.random() < 0.6 else _ACTION_VERBS[action]
@@ -412,6 +424,28 @@ def compose_caption(a: dict[str, str], rng: random.Random, detail: str = "full")
         sentences.append("Other people can be seen in the background." if a["others"] == "yes"
                          else "There are no other people around.")
         ex["others"] = a["others"]
+    return sentences
+
+
+def compose_caption(a: dict[str, str], rng: random.Random, detail: str = "full") -> tuple[str, dict[str, str]]:
+    """A caption of image attributes ``a`` -> (text, the attributes it expresses).
+
+    ``detail``: "full" (most attributes, including absent accessories now and then),
+    "medium" (clothing and a few extras) or "vague" (two or three attributes). The parts are
+    composed in a fixed order, so ``rng`` gives one caption.
+    """
+    if detail not in ("full", "medium", "vague"):
+        raise ValueError(f"detail must be full, medium or vague, got {detail!r}")
+    ex: dict[str, str] = {}
+    gendered = rng.random() < {"full": 0.85, "medium": 0.6, "vague": 0.4}[detail]
+    subject, pron, sub_ex = _subject(a, rng, gendered)
+    ex.update(sub_ex)
+    if detail == "vague":
+        return _vague_caption(a, rng, subject, ex)
+    sentences = _clothing_sentences(a, rng, detail, subject, pron, ex)
+    sentences += _accessory_sentences(a, rng, detail, pron, ex)
+    sentences += _carry_sentences(a, rng, detail, pron, ex)
+    sentences += _scene_sentences(a, rng, detail, pron, ex)
     return " ".join(sentences), ex
 
 
