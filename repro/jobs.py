@@ -5,6 +5,8 @@ is recorded beside its result (``DONE_FILE.job.json``); a result recorded for an
 is never reused. ``Runner(jobs=N)`` runs up to N independent jobs side by side."""
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 import os
 import re
@@ -15,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
-import importlib
+from utils.io import atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -36,14 +38,10 @@ class StaleResult(RuntimeError):
 
 def digest(*parts) -> str:
     """A short digest of ``parts`` (their JSON), for config identities and folder names."""
-    import hashlib
-
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def file_digest(path: str) -> str:
-    import hashlib
-
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
@@ -106,9 +104,7 @@ class Job:
         return True
 
     def record(self, seconds: float) -> None:
-        from utils.io import atomic_write_json
-
-        atomic_write_json(self.stamp, {"identity": self.key(), "label": self.label,
+            atomic_write_json(self.stamp, {"identity": self.key(), "label": self.label,
                                        "command": self.text(), "seed": self.seed,
                                        "seconds": round(seconds, 2)})
 

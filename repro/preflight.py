@@ -19,7 +19,19 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+import torch
 from prettytable import PrettyTable
+
+from datasets import get_reader
+from datasets.annotations import load_records
+from datasets.noise import RELEASE_NOISE_SHA256, RELEASE_NOISE_WHERE, release_noise_name
+from model import read_state_dict
+from processor.memory import plan as plan_memory
+from utils.config import load_config
+from utils.pre_checkpoints import PRE_CHECKPOINT_FILES, PRE_SOURCE
+
+from .options import build_parser, pairs, pre_checkpoints
+from .worlds import RealWorld
 
 COARSE = ("CUHK-PEDES", "ICFG-PEDES", "RSTPReid")
 ALL_DATASETS = (*COARSE, "UFine6926")
@@ -127,8 +139,6 @@ def _find_elsewhere(dataset_dir: str, rel: str) -> Optional[str]:
 
 def check_dataset(root: str, name: str, published: dict = PUBLISHED) -> list[Row]:
     """Annotation parses in its reader, splits have the published sizes, every image exists."""
-    from datasets import get_reader
-
     reader = get_reader(name)
     folder = os.path.join(root, name)
     anno = os.path.join(folder, reader.anno_names[0])
@@ -193,8 +203,6 @@ def check_clip(path: str) -> Row:
 
 
 def check_noise(noise_dir: str, dataset: str, rates=(0.2, 0.5, 0.8)) -> list[Row]:
-    from datasets.noise import RELEASE_NOISE_SHA256, RELEASE_NOISE_WHERE, release_noise_name
-
     rows = []
     for rate in rates:
         name = release_noise_name(dataset, rate)
@@ -218,14 +226,10 @@ class _Pre:
 
 
 def check_pre(pre: Optional[dict | str], dataset: str) -> Row:
-    from utils.pre_checkpoints import PRE_CHECKPOINT_FILES, PRE_SOURCE
-
     label = f"+pre checkpoint {dataset}"
     expected = f"{PRE_CHECKPOINT_FILES.get(dataset, '?')} of MLLM4Text-ReID, ViT-B/16 CLIP"
     fix = (f"pass --pre-checkpoint DIR holding {PRE_SOURCE} best0/1/2.pth (docs/REPRODUCE.md says "
            "which file each dataset uses); without it group 2's rows are not run")
-    from .worlds import RealWorld
-
     # The real runs' own choice of file (RealWorld.pre_checkpoint_for), not a copy of it.
     path = RealWorld.pre_checkpoint_for(_Pre(pre), dataset) if pre else None
     if path is None:
@@ -233,8 +237,6 @@ def check_pre(pre: Optional[dict | str], dataset: str) -> Row:
                    required=False)
     if not os.path.isfile(path):
         return Row(label, expected, f"{path} absent", "missing", fix)
-    from model import read_state_dict
-
     try:
         sd = read_state_dict(path)
     except Exception as err:  # noqa: BLE001  (any unreadable file is reported, not raised)
@@ -250,9 +252,6 @@ def check_pre(pre: Optional[dict | str], dataset: str) -> Row:
 def check_rda(root: str, dataset: str, rda_file: Optional[str]) -> Row:
     """The RDA file parses and gives ``diversity_captions`` to every training caption of the
     dataset's own annotation (matched by image path and captions)."""
-    from datasets import get_reader
-    from datasets.annotations import load_records
-
     label = f"RDA file {dataset}"
     if not rda_file:
         return Row(label, "the authors' RDA json (RDA_data.zip, ICL release) or a generated one", "not given",
@@ -348,10 +347,7 @@ def check_gpus(count: int, tables_configs: Sequence[str], probe: Callable[[], li
     rows.append(Row("GPUs", f"{count} CUDA GPU(s)", ", ".join(f"{n} {m / 2**30:.0f} GiB" for n, m in gpus[:count]),
                     "ok"))
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-    import memory_plan
-    from processor.memory import plan
-    from utils.config import load_config
-
+    import memory_plan  # scripts/memory_plan.py: a script, reachable only through sys.path
     for config in tables_configs:
         cfg = load_config(config)
         meas = next((e for e in memory_plan.load_cache(memory_plan.CACHE)
@@ -361,7 +357,7 @@ def check_gpus(count: int, tables_configs: Sequence[str], probe: Callable[[], li
                             f"python scripts/memory_plan.py --config {config}", required=False))
             continue
         batch = cfg.batch_size if cfg.batch_size % count == 0 else count
-        p = plan(meas, cfg, batch, count, "bf16")
+        p = plan_memory(meas, cfg, batch, count, "bf16")
         fits = p["peak"] <= memory
         rows.append(Row(f"memory plan {os.path.basename(config)}", f"<= {memory / 2**30:.0f} GiB per GPU",
                         f"{p['peak'] / 2**30:.1f} GiB", "ok" if fits else "wrong",
@@ -371,8 +367,6 @@ def check_gpus(count: int, tables_configs: Sequence[str], probe: Callable[[], li
 
 
 def cuda_gpus() -> list:
-    import torch
-
     if not torch.cuda.is_available():
         return []
     return [(torch.cuda.get_device_name(i), torch.cuda.get_device_properties(i).total_memory)
@@ -394,8 +388,6 @@ def check_vllm(backend: str) -> Row:
 # ----------------------------------------------------------------------------- command
 def run_preflight(args, tables: Sequence[str], probe_gpus: Callable[[], list] = cuda_gpus,
                   published: dict = PUBLISHED) -> list[Row]:
-    from .cli import _pairs, _pre_checkpoints
-
     datasets = [d for d in args.datasets.split(",") if d]
     need = needs(tables, datasets)
     rows: list[Row] = []
@@ -404,10 +396,10 @@ def run_preflight(args, tables: Sequence[str], probe_gpus: Callable[[], list] = 
     rows.append(check_clip(args.clip))
     for ds in need["noise"]:
         rows += check_noise(args.noise_dir, ds)
-    pre = _pre_checkpoints(args.pre_checkpoint) if args.pre_checkpoint else None
+    pre = pre_checkpoints(args.pre_checkpoint) if args.pre_checkpoint else None
     for ds in need["pre"]:
         rows.append(check_pre(pre, ds))
-    rda_files = _pairs(args.rda_file, "--rda-file")
+    rda_files = pairs(args.rda_file, "--rda-file")
     for ds in need["rda"]:
         rows.append(check_rda(args.root, ds, rda_files.get(ds)))
     if need["mllm"]:
@@ -437,8 +429,6 @@ def print_rows(rows: Sequence[Row], out=None) -> None:
 
 
 def main(argv: Optional[list] = None) -> int:
-    from .cli import build_parser
-
     argv = list(sys.argv[1:] if argv is None else argv)
     clip = "pretrained/ViT-B-16.pt"
     if "--clip" in argv:

@@ -9,7 +9,12 @@ import shlex
 import subprocess
 import sys
 from functools import lru_cache
+from importlib.metadata import version
 from typing import Sequence
+
+import torch
+
+from .report import provenance_footer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,8 +39,6 @@ def _packages() -> dict:
     out = {"python": platform.python_version()}
     for name in ("torch", "numpy", "transformers", "scikit-learn"):
         try:
-            from importlib.metadata import version
-
             out[name] = version(name)
         except Exception:  # noqa: BLE001 - a package that is not installed is simply not listed
             continue
@@ -44,12 +47,7 @@ def _packages() -> dict:
 
 def machine() -> str:
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
-    try:
-        import torch
-
-        torch_threads = torch.get_num_threads()
-    except ImportError:
-        torch_threads = "?"
+    torch_threads = torch.get_num_threads()
     return (f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, "
             f"{platform.system()} {platform.release()}), OMP_NUM_THREADS {threads}, torch threads "
             f"{torch_threads}")
@@ -74,6 +72,4 @@ def collect(jobs: Sequence, world=None, command: str = "") -> dict:
 
 
 def provenance_footer_lines(prov: dict) -> list:
-    from .report import provenance_footer
-
     return provenance_footer(prov)

@@ -9,6 +9,8 @@ import json
 import os
 from typing import Optional, Sequence
 
+import numpy as np
+
 from utils.io import atomic_write_json, atomic_write_text
 
 from . import stats
@@ -52,8 +54,6 @@ def effect(name: str, where: str, metric: str, hi: dict, lo: dict, *,
     pa, pb = hi.get("_per_query"), lo.get("_per_query")
     if pa and pb and len(pa) == len(pb) and all(x is not None for x in pa + pb) \
             and hi["seeds"] == lo["seeds"]:
-        import numpy as np
-
         res = stats.paired_interval(np.stack([x[metric] for x in pa]), np.stack([x[metric] for x in pb]))
         ci, per_seed, n_q = res["ci"], res["per_seed"], res["queries"]
     return {"effect": name, "set": where, "metric": metric, "ours": o, "ci": ci, "paper": p,

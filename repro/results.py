@@ -3,12 +3,17 @@ docs/ARCHITECTURE.md); nothing here computes a model output."""
 from __future__ import annotations
 
 import os
+import random
 from typing import Optional
 
 import numpy as np
 
+from datasets.bases import draw_rda_caption
 from thi.threshold import choose_xi
 from utils import run_dir as rd
+from utils.tokenizer import get_tokenizer
+
+from .stats import per_query
 
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 
@@ -119,16 +124,12 @@ def eval_target(run_dir: str) -> str:
 
 def eval_per_query(run_dir: str, target: str) -> dict:
     """Per-query R1..mINP values of the best checkpoint's evaluation (``repro.stats.per_query``)."""
-    from .stats import per_query
-
     ev = load_eval(run_dir, target)
     return per_query(ev["similarity"], ev["q_pids"], ev["g_pids"])
 
 
 def thi_per_query(run_dir: str, target: str, thi_dir: str) -> dict:
     """Per-query values after THI: its final similarity with the eval folder's identities."""
-    from .stats import per_query
-
     ev = load_eval(run_dir, target)
     sim_path = os.path.join(thi_dir, rd.THI_FINAL_SIMILARITY)
     if not os.path.isfile(sim_path):
@@ -140,12 +141,6 @@ def thi_per_query(run_dir: str, target: str, thi_dir: str) -> dict:
 def token_lengths(rda_file: str, text_length: int = 77) -> dict:
     """CLIP-token lengths (start and end tokens included) of the original captions and of the
     RDA captions of an RDA annotation file: n, mean, median, p90, max, % over ``text_length``."""
-    from utils.tokenizer import get_tokenizer
-
-    import random
-
-    from datasets.bases import draw_rda_caption
-
     data = _json(rda_file)
     tok = get_tokenizer()
     rng = random.Random(0)
