@@ -17,7 +17,7 @@ from utils.run_dir import BEST, checkpoint_path, checkpoints_in
 
 from model.clip import CLIP, infer_config, load_clip, resize_text_pos_embed
 from utils.io import torch_load
-from utils.config import load_run_config
+from utils.run_dir import load_run_config
 
 logger = logging.getLogger("ICL.model")
 

@@ -91,7 +91,8 @@ def write_untrained_run(run, tiny_clip_path: str, synth_root: str) -> str:
 
     from model import build_model
     from processor.evaluate import evaluate_run
-    from utils.config import load_config, save_config
+    from utils.config import load_config
+    from utils.run_dir import save_config
 
     cfg = load_config("configs/synthpedes_tiny.yaml",
                       [f"root_dir={synth_root}", f"pretrain_choice={tiny_clip_path}",

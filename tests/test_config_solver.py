@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from solver import build_optimizer, build_scheduler, lr_factor
-from utils.config import DEFAULTS, load_config, load_run_config, save_config
+from utils.config import DEFAULTS, load_config
+from utils.run_dir import load_run_config, save_config
 
 
 def test_defaults_overrides_and_unknown_keys(tmp_path):

@@ -5,7 +5,8 @@ import torch
 
 from model import build_model, load_checkpoint, load_run
 from model.features import similarity_from_features
-from utils.config import load_config, save_config
+from utils.config import load_config
+from utils.run_dir import save_config
 from utils.tokenizer import tokenize_batch
 
 

@@ -25,7 +25,7 @@ def two_ckpt_run(tiny_clip_path, synth_root, tmp_path_factory):
     from conftest import write_untrained_run
     from model import build_model
     from processor.evaluate import evaluate_run
-    from utils.config import load_run_config
+    from utils.run_dir import load_run_config
 
     run = tmp_path_factory.mktemp("two_ckpt")
     write_untrained_run(run, tiny_clip_path, synth_root)
@@ -180,7 +180,7 @@ def test_a_killed_evaluation_leaves_the_old_one_whole(run_copy, monkeypatch):
 
 def test_a_torn_or_empty_config_is_refused_naming_it(run_copy, capsys):
     import test as test_cli
-    from utils.config import load_run_config
+    from utils.run_dir import load_run_config
 
     path = rd.config_path(run_copy)
     lines = open(path).read().splitlines(keepends=True)
@@ -197,7 +197,8 @@ def test_a_torn_or_empty_config_is_refused_naming_it(run_copy, capsys):
 # ---- item 7: a failed start is reused ----
 
 def test_a_failed_start_is_reused_and_named(tmp_path, tiny_clip_path, synth_root):
-    from utils.config import load_config, save_config
+    from utils.config import load_config
+    from utils.run_dir import save_config
 
     run = tmp_path / "run"
     run.mkdir()

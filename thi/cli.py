@@ -27,11 +27,14 @@ from .state import SettingsChanged
 from utils.mllm.identity import label
 from utils.mllm.cli_options import client_options
 from model import load_run
-from utils.config import load_run_config
+from utils.run_dir import load_run_config
 from utils.device import resolve_amp, resolve_device
 from utils.mllm import build_client
 from .scoring import make_score_texts
+from .pipeline import run_thi
 from .queries import apply_queries, queries_subfolder
+from .report import rounds_table
+from .sweep import format_sweep, parse_grid, run_sweep
 
 BACKENDS = ("simulated", "vllm", "openai", "transformers")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -244,21 +247,16 @@ def main(argv: Optional[list] = None) -> int:
 def _run(args, is_sweep: bool, target: str, data: dict, score, client, out: str, common: dict) -> None:
     """THI or the sweep, with the results folder locked."""
     if is_sweep:
-        from .sweep import format_sweep, parse_grid, run_sweep
-
         result = run_sweep(data["similarity"], data["captions"], data["image_paths"], client,
                            score, lams=parse_grid(args.lams, "--lams"),
                            xis=parse_grid(args.xis, "--xis"), **common)
         print(format_sweep(result))
         print(f"sweep saved to {os.path.join(out, rd.THI_SWEEP)} and sweep.csv")
     else:
-        from . import run_thi
-
         xi = args.xi if args.xi is not None else xi_for(target)
         result = run_thi(data["similarity"], data["captions"], data["image_paths"], client,
                          score, lam=args.lam, xi=xi, ask=args.ask, one_at=args.eq6_one_at, **common)
         if result.rounds and result.rounds[-1].get("metrics"):
-            from .report import rounds_table
             if tuning_note(args):
                 print(tuning_note(args))
             print(rounds_table(result.base_metrics, result.rounds))

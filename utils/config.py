@@ -15,7 +15,7 @@ import yaml
 
 from utils.errors import ProjectError
 
-from utils.io import atomic_write_text, read_text
+from utils.io import read_text
 
 # Every key a config may set, with its default (the paper's settings for CUHK-PEDES, except the
 # release switches and emb_lr, which configs/rde_*.yaml and configs/icl_*.yaml set explicitly;
@@ -319,22 +319,4 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
     pairs = [_parse_override(o) for o in overrides]
     _check_keys([k for k, _ in pairs], "command line", cfg)
     cfg.update((k, _coerce(k, v, "command line")) for k, v in pairs)
-    return Config(cfg)
-
-
-def save_config(cfg: dict, path: str | os.PathLike) -> None:
-    """Write the resolved config atomically, sealed (``utils.run_dir.config_text``)."""
-    from utils.run_dir import config_text  # run_dir imports this module
-
-    atomic_write_text(path, config_text(cfg))
-
-
-def load_run_config(run_dir: str | os.PathLike) -> Config:
-    """The resolved config a run saved (refused when cut short, naming the file); missing keys
-    (older runs) take today's defaults."""
-    from utils.run_dir import read_saved_config
-
-    data = read_saved_config(run_dir)
-    cfg = copy.deepcopy(DEFAULTS)
-    cfg.update(data)
     return Config(cfg)

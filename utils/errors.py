@@ -24,12 +24,9 @@ class InputFileError(ProjectError, ValueError):
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exception types an entry point reports without a traceback."""
-    # Imported here: these modules import this one, and the MLLM package is heavy.
-    from utils.mllm.base import MLLMError
-    from utils.run_dir import RunDirError
-
-    return (ProjectError, RunDirError, MLLMError)
+    """The exception types an entry point reports without a traceback (the run-directory and
+    MLLM errors are ProjectErrors too)."""
+    return (ProjectError,)
 
 
 F = TypeVar("F", bound=Callable[..., int])

@@ -23,7 +23,10 @@ its process), ``clean_temp_files``.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import copy
+import fcntl
 import glob
 import hashlib
 import json
@@ -41,7 +44,8 @@ import yaml
 
 from utils.io import TEMP_PREFIX, atomic_save_npy, atomic_save_npz, atomic_write_json, atomic_write_text
 
-from utils.config import DEFAULTS, _number
+from utils.config import DEFAULTS, Config, _number, check_types
+from utils.errors import ProjectError
 
 logger = logging.getLogger("ICL.run")
 
@@ -98,7 +102,7 @@ RESUME_OPT_IN = frozenset({
 _TRAIN_SUBDIRS = ("", CCD_DIR, EVAL_DIR, TB_DIR)
 
 
-class RunDirError(RuntimeError):
+class RunDirError(ProjectError, RuntimeError):
     """A run folder is missing, not a run, or would be overwritten; the message says the fix."""
 
 
@@ -446,6 +450,20 @@ def read_saved_config(run_dir: str | os.PathLike) -> dict:
     return parse_config_text(text, path)
 
 
+def save_config(cfg: dict, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically, sealed (``config_text``)."""
+    atomic_write_text(path, config_text(cfg))
+
+
+def load_run_config(run_dir: str | os.PathLike) -> Config:
+    """The resolved config a run saved (refused when cut short, naming the file); missing keys
+    (older runs) take today's defaults."""
+    data = read_saved_config(run_dir)
+    cfg = copy.deepcopy(DEFAULTS)
+    cfg.update(data)
+    return Config(cfg)
+
+
 def seal_config(path: str | os.PathLike) -> None:
     """Add the seal line to a config that a person checked is complete."""
     path = os.fspath(path)
@@ -482,8 +500,6 @@ _ReleaseLoader.add_constructor("tag:yaml.org,2002:python/tuple",
 def read_release_config(run_dir: str | os.PathLike) -> dict:
     """Our settings from a release run folder's ``configs.yaml`` (its args under the same names;
     training-only args dropped, RELEASE_IMPLIED added); an arg we cannot map is refused by name."""
-    from utils.config import DEFAULTS, check_types
-
     path = os.path.join(os.fspath(run_dir), RELEASE_CONFIG)
     fix = "it is the args file the ICL/RDE release writes next to best.pth (utils/iotools.py there)"
     with reading(path, fix):
@@ -688,8 +704,6 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[str]:
     """Hold ``folder``'s exclusive lock (``folder/.lock``) while the block runs; a second process
     is refused at once, naming the holder. The lock is ``fcntl.flock``'s: it dies with its
     process, so a crashed holder never blocks. The lock file is removed on release."""
-    import fcntl
-
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK_FILE)
@@ -724,8 +738,6 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[str]:
 
 def _live_lock(folder: str) -> bool:
     """True when ``folder/.lock`` is held by a live process."""
-    import fcntl
-
     path = os.path.join(folder, LOCK_FILE)
     if not os.path.exists(path):
         return False
@@ -768,8 +780,6 @@ def main(argv: Optional[list] = None) -> int:
     """``python -m utils.run_dir eval-ready RUN DATASET [--checkpoint best.pth]``: exit 0 when the
     checkpoint's evaluation on DATASET is there and made from the checkpoint as it is now (for
     shell scripts, which must not build run paths themselves)."""
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m utils.run_dir")
     sub = ap.add_subparsers(dest="cmd", required=True)
     ready = sub.add_parser("eval-ready", help="is the checkpoint's evaluation there and current?")

@@ -14,7 +14,7 @@ from utils import run_dir as rd
 from datasets import build_eval_loaders
 from model import load_run
 from model.features import extract_image_features
-from utils.config import load_run_config
+from utils.run_dir import load_run_config
 from utils.device import resolve_amp, resolve_device
 from utils.mllm import build_client
 from utils.mllm.cli_options import client_options

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence, Union
 
 from .cache import ResponseCache, make_key
+from .errors import MLLMError
 from .identity import canonical
+from .images import image_digest
 from .prompts import PROMPT_VERSION
 
 if TYPE_CHECKING:  # PIL is only needed for the annotation here
@@ -31,18 +33,6 @@ class Request:
     text: str
     image: "Union[str, os.PathLike[str], Image.Image, None]" = None
     system: str = DEFAULT_SYSTEM
-
-
-class MLLMError(RuntimeError):
-    """An MLLM backend cannot be reached, loaded or used; the message says what and where.
-
-    A backend whose batch failed part-way may attach ``partial`` ({position in the batch:
-    answer}) so that :meth:`BaseClient.generate` caches the answers that did arrive.
-    """
-
-    def __init__(self, message: str, partial: "dict[int, str] | None" = None):
-        super().__init__(message)
-        self.partial = dict(partial or {})
 
 
 def usable_text(answer: str) -> bool:
@@ -124,7 +114,6 @@ class BaseClient:
                          int(max_tokens)])
 
     def _image_digest(self, image) -> str:
-        from .images import image_digest
         if isinstance(image, (str, os.PathLike)):
             path = os.fspath(image)
             try:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from utils.images import to_rgb
 
-from .base import MLLMError
+from .errors import MLLMError
 
 ImageLike = Union[str, "os.PathLike[str]", Image.Image]
 
