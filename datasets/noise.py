@@ -23,6 +23,7 @@ import numpy as np
 
 from .annotations import TrainItem
 
+from utils.errors import InputFileError
 from utils.io import atomic_save_npy
 
 logger = logging.getLogger("ICL.datasets")
@@ -132,7 +133,6 @@ def build_noise_index(num: int, noisy_rate: float, noisy_file: str | os.PathLike
         try:
             index = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError) as err:
-            from utils.errors import InputFileError
             raise InputFileError(f"noisy_file {path} cannot be read as a .npy index ({type(err).__name__}: "
                                  f"{err}); it is truncated or not an index file. Delete it (a new one is "
                                  "drawn from the seed) or point noisy_file at the right file") from err

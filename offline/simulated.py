@@ -28,6 +28,7 @@ from typing import Mapping, Optional
 
 from utils.mllm.base import BaseClient, MLLMError, Request
 from utils.mllm.prompts import T_AGGR, T_DEC, T_LOC, T_RWT, T_VQA
+from utils.tokenizer import get_tokenizer
 
 from .synth_schema import ATTRIBUTES_VERSION, QUESTION_ATTRIBUTES, SCHEMA
 from .synth_text import answer_sentence, parse_caption
@@ -359,8 +360,6 @@ class SimulatedClient(BaseClient):
     def _within_length(self, caption: str, added: list) -> list:
         """The new sentences, in order, while caption + them stays within the text length (CLIP
         tokens, start and end tokens included); a sentence that does not fit is left out whole."""
-        from utils.tokenizer import get_tokenizer
-
         tok = get_tokenizer()
         budget = self.text_length - 2 - len(tok.encode(caption))
         kept = []

@@ -58,16 +58,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from utils.mllm.base import DEFAULT_PIXELS, Request
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
+from offline.synth_text import parse_caption
+from utils.mllm.base import DEFAULT_PIXELS, DEFAULT_SYSTEM, Request
 from utils.mllm.parsing import parse_vqa
 from utils.mllm.prompts import T_LOC, aggr_prompt, dec_prompt, loc_prompt, rwt_prompt, vqa_prompt
-from .simulated import SimulatedClient
-from offline.synth_text import parse_caption
-from utils.mllm.base import DEFAULT_SYSTEM
 from utils.mllm.hf_backend import TransformersClient, chat_messages, processor_size
 from utils.mllm.images import prepare_image
-from tqdm import tqdm
+
+from .simulated import SimulatedClient
 from .tiny_qwen2vl import build_tokenizer, make_model
 
 BUILDER_VERSION = 3
@@ -216,8 +218,6 @@ def _encode(examples: list[Example], processor, pixels: int) -> list[dict]:
 
 
 def _collate(items: list[dict], pad_id: int, image_id: int) -> dict:
-    import torch
-
     n = max(len(it["input_ids"]) for it in items)
     ids = torch.full((len(items), n), pad_id, dtype=torch.long)
     labels = torch.full((len(items), n), -100, dtype=torch.long)
@@ -238,8 +238,6 @@ def _collate(items: list[dict], pad_id: int, image_id: int) -> dict:
 
 def _image_features(model, encoded: list[dict]) -> None:
     """Run the (frozen) vision tower once per distinct image; store its merged tokens."""
-    import torch
-
     with torch.no_grad():
         for im in {id(it["image"]): it["image"] for it in encoded if "image" in it}.values():
             out = model.model.get_image_features(im["pixel_values"], im["image_grid_thw"])
@@ -253,9 +251,6 @@ def _loss(model, batch: dict):
     enough to tell a small gallery's images apart), so its outputs are computed once per image
     and scattered into the token embeddings here. The vocabulary projection is applied to the
     answer positions alone: over every prompt position it would cost most of the step."""
-    import torch
-    import torch.nn.functional as F
-
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     embeds = model.model.get_input_embeddings()(ids)
     position_ids = None
@@ -312,8 +307,6 @@ def build_tiny_icl(dataset_dir: "str | os.PathLike", out_dir: "str | os.PathLike
                    recipe: Recipe = Recipe(), progress: bool = True) -> dict:
     """Train the model and write it to ``out_dir``; returns a report (loss, accuracy per kind on
     its own training examples, seconds), also saved as ``out_dir/tiny_icl.json``."""
-    import torch
-
     t0 = time.time()
     dataset_dir = os.fspath(dataset_dir)
     examples = teacher_examples(dataset_dir, recipe)

@@ -21,6 +21,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from model import _rde
+from model.clip import CLIP, CLIPConfig
+
 GiB = 1024 ** 3
 PRECISIONS = ("fp32", "fp16", "bf16", "release_fp16")
 
@@ -199,9 +202,6 @@ def geometry(cfg) -> dict:
 
 def _vit_b16(cfg) -> nn.Module:
     """RDE on a random ViT-B/16 (OpenAI's architecture) at the config's input sizes."""
-    from model import _rde
-    from model.clip import CLIP, CLIPConfig
-
     torch.manual_seed(0)
     base = CLIP(CLIPConfig(embed_dim=512, vision_width=768, vision_layers=12, vision_patch=16, text_width=512,
                            text_layers=12, image_size=tuple(cfg.img_size), stride=cfg.stride_size,

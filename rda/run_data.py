@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
 from datasets import ImageDataset, TextDataset, build_dataset, build_transforms
 from datasets.noise import build_noise_index, permute_captions
@@ -91,9 +93,6 @@ def train_top_indices(model, pairs: TrainPairs, cfg, device, *, top_k: int = 10,
     The similarity is the retrieval one (RDE: mean of the BGE and TSE cosines), computed in
     caption chunks so that CUHK-PEDES' 68k x 34k matrix never exists at once.
     """
-    import torch
-    from torch.utils.data import DataLoader
-
     transform = build_transforms(cfg.img_size, aug=False, is_train=False)
     images = DataLoader(ImageDataset(pairs.image_pids.tolist(), pairs.image_paths, transform),
                         batch_size=batch_size, shuffle=False)

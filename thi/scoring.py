@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from model.features import image_similarity, text_similarity
 from utils.tokenizer import tokenize
@@ -13,8 +14,6 @@ from datasets.transforms import build_transforms
 def _gallery_tensors(gallery_feats: Mapping[str, np.ndarray]) -> dict:
     """The saved gallery's BGE (and TSE, when present) features as float32 tensors: both views
     are kept so that scores follow the run's own rule (the mean of BGE and TSE)."""
-    import torch
-
     return {k: torch.as_tensor(np.asarray(gallery_feats[k]), dtype=torch.float32)
             for k in ("bge", "tse") if k in gallery_feats}
 
@@ -29,8 +28,6 @@ def make_score_texts(model, gallery_feats: Mapping[str, np.ndarray], text_length
     BGE alone otherwise (plain CLIP / IRRA runs). This is the same rule that produced the
     run's base similarity, so refined and original queries live on one scale.
     """
-    import torch
-
     if "bge" not in gallery_feats:
         raise KeyError(f"gallery features lack 'bge' (have {sorted(gallery_feats)}); re-run "
                        f"test.py on the target to rewrite gallery_feats.npz")
@@ -57,8 +54,6 @@ def make_score_images(model, gallery_feats: Mapping[str, np.ndarray], img_size, 
     """``score_images(pil_images) -> [n, G]`` float32: image -> image similarity to the saved
     gallery, the query images resized and normalised like the gallery (``img_size`` = the
     run's [H, W]) and compared on the same rule as ``make_score_texts`` (BGE and TSE mean)."""
-    import torch
-
     gallery = _gallery_tensors(gallery_feats)
     if "bge" not in gallery:
         raise KeyError(f"gallery features lack 'bge' (have {sorted(gallery_feats)})")

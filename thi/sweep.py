@@ -22,6 +22,7 @@ from .pipeline import _score, run_thi
 from .rerank import check_lambda, rerank
 
 from utils.io import atomic_write_json, atomic_write_text
+from utils.metrics import t2i_metrics
 
 
 @dataclass
@@ -63,8 +64,6 @@ def run_sweep(similarity, captions: Sequence[str], image_paths: Sequence[str], c
                       else similarity, dtype=np.float32)
     result = SweepResult(lams=lams, xis=xis)
     with_ids = q_pids is not None
-    if with_ids:
-        from utils.metrics import t2i_metrics
     for xi in xis:
         sub = os.path.join(out_dir, f"xi{xi:g}_lam{lams[0]:g}") if out_dir else None
         res = run_thi(base, captions, image_paths, client, score_texts, lam=lams[0], xi=xi,

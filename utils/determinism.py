@@ -13,7 +13,12 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import random
 from typing import Iterator
+
+# numpy and torch are imported inside the functions on purpose: their thread pools read
+# OMP/MKL/OPENBLAS_NUM_THREADS when first imported, and an entry point that imports this module
+# first must be able to pin those before either library starts.
 
 DEFAULT_THREADS = 1
 
@@ -66,8 +71,6 @@ def machine_description() -> str:
 
 def set_seed(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global generators (the trainer: ``seed + rank``)."""
-    import random
-
     import numpy as np
     import torch
 
@@ -78,8 +81,6 @@ def set_seed(seed: int) -> None:
 
 def rng_state() -> dict:
     """Every global generator's state (saved in last.pth: a resume continues the same draws)."""
-    import random
-
     import numpy as np
     import torch
 
@@ -91,8 +92,6 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     """Restore what ``rng_state`` returned."""
-    import random
-
     import numpy as np
     import torch
 

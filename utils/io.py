@@ -11,12 +11,14 @@ import contextlib
 import errno
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
 from typing import IO, Any, Callable, Iterator
 
 import numpy as np
+import torch
 
 from utils.errors import InputFileError, ProjectError
 
@@ -215,23 +217,19 @@ def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
-    import torch
-
     # A file object: torch's zip writer rejects some temp names.
     _atomic(path, lambda f: torch.save(obj, f))
 
 
 def torch_load(path: str | os.PathLike, **kwargs: Any) -> Any:
     """``torch.load(path, map_location="cpu")`` whose errors name the file and the fix."""
-    import torch
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
     kwargs.setdefault("map_location", "cpu")
     try:
         return torch.load(path, **kwargs)
-    except (RuntimeError, EOFError, OSError, ValueError, __import__("pickle").UnpicklingError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
         size = os.path.getsize(path)
         raise CheckpointReadError(
             f"cannot read checkpoint {path} ({_human(size)}): {type(err).__name__}: {err}. The file is "
