@@ -3,12 +3,14 @@ simulated MLLM, through FastAPI's TestClient: each query kind against the run's 
 one THI step per answer against an independent Eq. 6, sessions, export and bad input."""
 from __future__ import annotations
 
+import io
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -409,6 +411,23 @@ def test_a_pixel_bomb_is_refused_from_its_header_before_decoding(api, monkeypatc
     ok = _huge_png(300, 700)
     r = api.post("/api/search", data={"kind": "image"}, files={"image": ("ok.png", ok, "image/png")})
     assert r.status_code == 200 and loads and set(loads) == {(300, 700)}
+
+
+def test_a_16_bit_upload_is_read_like_the_dataset_reads_it(api, evald):
+    """A 16-bit grey PNG is scaled to 8 bits (utils/images.to_rgb), as the dataset loader reads
+    it; PIL's own convert("RGB") clips it to white, and the query would find other people."""
+    grey = np.asarray(Image.open(evald["image_paths"][9]).convert("L"), dtype=np.uint16)
+    as_png = {}
+    for mode, values in (("L", grey.astype(np.uint8)), ("I;16", grey * 257)):
+        buf = io.BytesIO()
+        Image.fromarray(values, mode if mode == "L" else None).save(buf, format="PNG")
+        as_png[mode] = buf.getvalue()
+    assert Image.open(io.BytesIO(as_png["I;16"])).mode.startswith("I")
+    res = {mode: _search(api, kind="image", top_k="20", files={"image": ("q.png", png, "image/png")})
+           for mode, png in as_png.items()}
+    eight = [(x["gallery_index"], round(x["score"], 4)) for x in res["L"]["results"]]
+    sixteen = [(x["gallery_index"], round(x["score"], 4)) for x in res["I;16"]["results"]]
+    assert sixteen == eight
 
 
 def test_the_whole_request_body_is_capped(api):

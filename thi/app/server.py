@@ -40,6 +40,8 @@ from .attributes import FIELDS
 from .engine import KINDS, BadRequest, NotFound, SearchEngine
 
 from PIL import Image
+from utils.errors import InputFileError
+from utils.images import to_rgb
 from utils.mllm import MLLMError
 
 # A person photo needs a few megapixels; 24 MP is a 6000x4000 camera frame. Decoding costs
@@ -91,10 +93,13 @@ def _decode_image(data: bytes, name: str):
                                  f"{MAX_IMAGE_PIXELS / 1e6:.0f} (a person photo needs a few)")
     try:
         image.load()
-        return image.convert("RGB")
     except Exception:
         raise BadRequest(f"the uploaded file {name[:100]!r} is a damaged or unsupported image "
                          f"(JPEG, PNG, ...)") from None
+    try:  # the dataset loader's conversion: a 16-bit upload is scaled, not clipped to white
+        return to_rgb(image, repr(name[:100]))
+    except InputFileError as err:
+        raise BadRequest(f"the uploaded file: {err}") from None
 
 
 def _integer(name: str, value, low: int, high: int) -> Optional[int]:
