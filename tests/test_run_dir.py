@@ -102,6 +102,52 @@ def test_test_py_on_a_locked_run_is_refused(run_copy, capsys):
         proc.wait()
 
 
+def _exit_code(main, argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+def test_thi_into_a_locked_results_folder_is_refused_before_writing(run_copy, synth_root, tmp_path, capsys):
+    from thi.cli import main as thi_main
+
+    out = str(tmp_path / "thi_out")
+    proc = _holder(out)
+    try:
+        code = _exit_code(thi_main, ["--run", run_copy, "--target", "SynthPEDES", "--root", synth_root,
+                                     "--backend", "simulated", "--device", "cpu", "--no-progress",
+                                     "--out", out])
+        assert code == 2
+        assert f"pid {proc.pid}" in capsys.readouterr().err
+        assert sorted(os.listdir(out)) == [rd.LOCK_FILE]  # the holder's lock, nothing of ours
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_rda_generate_into_a_locked_state_folder_is_refused_before_writing(synth_root, tmp_path, capsys):
+    from rda.cli import main as rda_main
+    from rda.generate import default_paths
+
+    root = tmp_path / "data"
+    shutil.copytree(os.path.join(synth_root, "SynthPEDES"), root / "SynthPEDES")
+    out = str(tmp_path / "rda" / "synth.rda.json")
+    state_dir = default_paths(out)[0]
+    proc = _holder(state_dir)
+    try:
+        code = _exit_code(rda_main, ["generate", "--dataset", "SynthPEDES", "--root", str(root),
+                                     "--backend", "simulated", "--limit", "2", "--no-progress",
+                                     "--out", out])
+        assert code == 2
+        assert f"pid {proc.pid}" in capsys.readouterr().err
+        assert not os.path.exists(out)
+        assert sorted(os.listdir(state_dir)) == [rd.LOCK_FILE]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # ---- item 2 / issue 23 items 7-8: each checkpoint's evaluation apart, stamped ----
 
 def test_each_checkpoint_has_its_own_evaluation_naming_it(two_ckpt_run):
@@ -252,6 +298,24 @@ def test_test_py_removes_stale_temp_files(run_copy):
         open(p, "wb").write(b"\0" * 10)
     os.makedirs(stale[2])
     assert test_cli.main([run_copy, "--device", "cpu", "--no-progress", "--checkpoint", rd.LAST]) == 0
+    assert not any(os.path.exists(p) for p in stale)
+
+
+def test_rda_generate_removes_stale_temp_files_of_its_state_folder(synth_root, tmp_path):
+    from rda.cli import main as rda_main
+    from rda.generate import default_paths
+
+    root = tmp_path / "data"
+    shutil.copytree(os.path.join(synth_root, "SynthPEDES"), root / "SynthPEDES")
+    out = str(tmp_path / "rda" / "synth.rda.json")
+    state_dir = default_paths(out)[0]
+    stale = [os.path.join(state_dir, ".tmp-state-1"), os.path.join(state_dir, "mllm_cache", ".tmp-c")]
+    for p in stale:
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        open(p, "wb").write(b"\0" * 10)
+    assert rda_main(["generate", "--dataset", "SynthPEDES", "--root", str(root), "--backend",
+                     "simulated", "--limit", "2", "--no-progress", "--out", out]) == 0
+    assert os.path.isfile(out)
     assert not any(os.path.exists(p) for p in stale)
 
 
