@@ -32,7 +32,7 @@ from utils.determinism import DEFAULT_THREADS  # noqa: E402
 def thi_command(run_dir: str, target: str, data_root: str, attributes: str, xi: float,
                 progress: bool) -> list[str]:
     """The demo's ``python -m thi`` command. Its xi is the demo's own, so it writes its own
-    folder (``RUN/thi/TARGET/best/demo``): the commands of docs/THI.md, with the paper's xi, then
+    folder (``RUN/thi/TARGET/best/demo``): the commands of docs/THI.md, with the default xi (the release script's), then
     run after it instead of meeting a folder of other settings."""
     cmd = [sys.executable, "-m", "thi", "--run", run_dir, "--target", target, "--root", data_root,
            "--backend", "simulated", "--attributes", attributes, "--xi", f"{xi:.4f}",
