@@ -114,19 +114,19 @@ def run_generate(args) -> int:
         raise SystemExit(f"--out {out} is the input annotation file; choose another path")
     state_dir = default_paths(out)[0]
     cache_dir = args.cache_dir or state_dir + "/mllm_cache"
-    client = build_client(args.backend, **client_options(args, str(dataset.dataset_dir), cache_dir))
-    try:
-        # One generation per state folder: a second one would send every request again.
-        with rd.folder_lock(state_dir, "RDA generation (python -m rda generate)"):
-            rd.clean_temp_tree(state_dir)
+    # One generation per state folder: a second one would send every request again. A busy
+    # folder (FolderBusyError) is reported by cli_errors as one message, exit 2, before the
+    # client (and its cache folder) exists.
+    with rd.folder_lock(state_dir, "RDA generation (python -m rda generate)"):
+        rd.clean_temp_tree(state_dir)
+        client = build_client(args.backend, **client_options(args, str(dataset.dataset_dir), cache_dir))
+        try:
             _, summary = run_rda(records, client, image_root=str(dataset.img_dir),
                                  rewrites=args.rewrites, out_path=out, limit=args.limit,
                                  temperature=args.temperature, max_tokens=args.max_tokens,
                                  chunk_size=args.chunk_size, progress=not args.no_progress)
-    except rd.FolderBusyError as err:
-        raise SystemExit(f"python -m rda generate: error: {err}") from None
-    finally:
-        client.close()
+        finally:
+            client.close()
     print(json.dumps(summary, indent=2))
     print(f"wrote {out} (train with anno_file={out} rda=true)")
     return 0
