@@ -13,7 +13,6 @@ is drawn only on request (``noise_draw: true``) and never under one of the relea
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 from .annotations import TrainItem
 
 from utils.errors import InputFileError
-from utils.io import atomic_save_npy
+from utils.io import atomic_save_npy, file_sha256
 
 logger = logging.getLogger("ICL.datasets")
 T = TypeVar("T")
@@ -50,14 +49,6 @@ RELEASE_NOISE_WHERE = ("noiseindex/ of the RDE release (github.com/QinYang79/RDE
 class NoiseFileError(ValueError):
     """A noise file that is missing, a release-named file that is not the release's, or a
     permutation that would be drawn silently or under a release name; the message says the fix."""
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_release_name(path: str | os.PathLike) -> bool:

@@ -9,7 +9,6 @@ folder to put the file in.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.request
 from typing import Callable, Optional
@@ -17,6 +16,7 @@ from typing import Callable, Optional
 from tqdm import tqdm
 
 from utils.errors import ProjectError
+from utils.io import file_sha256
 
 _BASE = "https://openaipublic.azureedge.net/clip/models"
 # name -> (sha256, file name); the sha256 is also the URL's folder (OpenAI's scheme).
@@ -39,14 +39,6 @@ def model_url(name: str) -> str:
     return f"{_BASE}/{sha}/{fname}"
 
 
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_openai_clip(name: str, folder: Optional[str] = None,
                       opener: Callable = urllib.request.urlopen) -> str:
     """Path of OpenAI's checkpoint ``name`` in ``folder`` (default ``cache_dir()``), downloaded
@@ -57,7 +49,7 @@ def fetch_openai_clip(name: str, folder: Optional[str] = None,
     folder = folder or cache_dir()
     target = os.path.join(folder, fname)
     if os.path.isfile(target):
-        if sha256_of(target) == sha:
+        if file_sha256(target) == sha:
             return target
         raise CLIPDownloadError(f"{target} does not have OpenAI's sha256 {sha} for {name}: delete it "
                                 f"and run again to download {model_url(name)}")
@@ -77,7 +69,7 @@ def fetch_openai_clip(name: str, folder: Optional[str] = None,
         raise CLIPDownloadError(f"could not download {url} ({exc}); on a machine without internet "
                                 f"download it elsewhere and put it at {target}, or set "
                                 f"pretrain_choice to its path") from exc
-    got = sha256_of(tmp)
+    got = file_sha256(tmp)
     if got != sha:
         os.remove(tmp)
         raise CLIPDownloadError(f"{url} gave a file with sha256 {got}, not OpenAI's {sha}: nothing kept")

@@ -11,7 +11,6 @@ Path options are those of the real runs (``python -m repro TABLE --world real ..
 from __future__ import annotations
 
 import glob
-import hashlib
 import importlib.util
 import json
 import os
@@ -28,6 +27,7 @@ from datasets.noise import RELEASE_NOISE_SHA256, RELEASE_NOISE_WHERE, release_no
 from model import read_state_dict
 from processor.memory import plan as plan_memory
 from utils.config import load_config
+from utils.io import file_sha256 as sha256
 from utils.pre_checkpoints import PRE_CHECKPOINT_FILES, PRE_SOURCE
 
 from .options import build_parser, pairs, pre_checkpoints
@@ -121,14 +121,6 @@ def needs(tables: Sequence[str], datasets: Sequence[str]) -> dict:
 
 
 # ----------------------------------------------------------------------------- checks
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _find_elsewhere(dataset_dir: str, rel: str) -> Optional[str]:
     """A folder under ``dataset_dir`` (two levels deep) holding ``rel``: images put in another subfolder."""
     for depth in ("", "*", "*/*"):

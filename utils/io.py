@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import pickle
@@ -202,6 +203,15 @@ def check_utf8(text: str) -> str | None:
 # ---------------------------------------------------------------------- atomic writes
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     _atomic(path, lambda f: f.write(text), mode="w")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file, read in 1 MiB blocks (checkpoints and downloads are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:

@@ -42,6 +42,7 @@ from typing import Any, Iterable, Iterator, Optional
 import numpy as np
 import yaml
 
+from utils.io import file_sha256 as io_file_sha256
 from utils.io import TEMP_PREFIX, atomic_save_npy, atomic_save_npz, atomic_write_json, atomic_write_text
 
 from utils.config import DEFAULTS, Config, _number, check_types
@@ -538,11 +539,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     st = os.stat(path)
     key = (path, st.st_size, st.st_mtime_ns, st.st_ino)
     if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _DIGESTS[key] = h.hexdigest()
+        _DIGESTS[key] = io_file_sha256(path)
     return _DIGESTS[key]
 
 
